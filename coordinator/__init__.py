@@ -1,0 +1,1 @@
+"""cdfkd package."""

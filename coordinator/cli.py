@@ -1,0 +1,217 @@
+"""The ``cdfkd`` command: ``main(argv) -> int`` with subcommands (STYLE.md 7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from cdfkd.coordinator.errors import ConfigError, ExitCode
+
+logger = logging.getLogger("cdfkd")
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    os.environ.setdefault("GRPC_VERBOSITY", "error")
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[threading.Event]:
+    """First Ctrl-C sets the event (finish the iteration, checkpoint); a second one aborts."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        logger.warning("interrupt: stopping after this iteration (Ctrl-C again to abort)")
+        event.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _cmd_teacher_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
+
+    fields = dict(
+        name=args.name or Path(args.out).name,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        architecture=args.architecture,
+        depth=args.depth,
+        width=args.width,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        partition=args.partition,
+        alpha=args.alpha,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+    )
+    try:
+        job = TeacherJob.model_validate(fields)
+    except ValidationError as error:
+        raise ConfigError(f"invalid teacher job: {error}") from error
+    metadata = train_teacher_package(job, Path(args.out))
+    print(json.dumps({"package": str(args.out), "test_accuracy": metadata.test_accuracy}))
+    return ExitCode.OK
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cdfkd.coordinator.config import load_run_config
+    from cdfkd.coordinator.training_run import run_training
+
+    config = load_run_config(Path(args.config))
+    out = Path(args.out) if args.out else Path(args.config).resolve().parent / "run"
+    with _stop_on_sigint() as stop:
+        result = run_training(config, out, resume=args.resume, stop_event=stop)
+    print(json.dumps(result.summary()))
+    if stop.is_set():
+        logger.warning("interrupted at iteration %d; resume with --resume", result.iterations)
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cdfkd.coordinator.evaluation import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run), args.data_path), indent=2))
+    return ExitCode.OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cdfkd.coordinator.demo import run_demo
+
+    with _stop_on_sigint() as stop:
+        summary = run_demo(
+            Path(args.out), quick=args.quick, stop_event=stop, data_path=args.data_path
+        )
+    print(json.dumps(summary, indent=2))
+    return ExitCode.INTERRUPTED if stop.is_set() else ExitCode.OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cdfkd``."""
+    parser = argparse.ArgumentParser(
+        prog="cdfkd",
+        description="Data-free distillation of several privately owned teachers (CDFKD-MFS).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    teacher = commands.add_parser("teacher", help="teacher-owner commands")
+    teacher_commands = teacher.add_subparsers(dest="teacher_command", required=True)
+    train_teacher = teacher_commands.add_parser(
+        "train", help="train a teacher on one owner's shard and write a teacher package"
+    )
+    train_teacher.add_argument("--out", required=True, help="package folder to write")
+    train_teacher.add_argument("--name", help="teacher name (default: the folder name)")
+    train_teacher.add_argument(
+        "--dataset", default="fashion_mnist", choices=["fashion_mnist", "digits"]
+    )
+    train_teacher.add_argument(
+        "--data-path", type=Path, help="folder of the Fashion-MNIST IDX files"
+    )
+    train_teacher.add_argument(
+        "--architecture", default="lenet5_bn", choices=["lenet5_bn", "resnet"]
+    )
+    train_teacher.add_argument("--depth", type=int, default=1, help="ResNet blocks per stage")
+    train_teacher.add_argument("--width", type=int, default=16, help="ResNet first-stage channels")
+    train_teacher.add_argument("--shard", type=int, default=0, help="which owner shard (0-based)")
+    train_teacher.add_argument("--num-shards", type=int, default=1, help="number of owners")
+    train_teacher.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
+    train_teacher.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet alpha (label skew)"
+    )
+    train_teacher.add_argument("--epochs", type=int, default=6)
+    train_teacher.add_argument("--batch-size", type=int, default=128)
+    train_teacher.add_argument("--lr", type=float, default=2e-3)
+    train_teacher.add_argument("--seed", type=int, default=0)
+    train_teacher.set_defaults(handler=_cmd_teacher_train)
+
+    train = commands.add_parser("train", help="distill the teachers of a run config into a student")
+    train.add_argument("--config", required=True, help="run TOML file")
+    train.add_argument("--out", help="output folder (default: 'run' beside the config)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a finished run's student on test data"
+    )
+    evaluate.add_argument(
+        "--run", required=True, help="output folder of 'cdfkd train' or 'cdfkd demo'"
+    )
+    evaluate.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    demo = commands.add_parser(
+        "demo", help="end to end: three owners' teachers on Fashion-MNIST distilled with CDFKD-MFS"
+    )
+    demo.add_argument("--out", required=True, help="output folder (teachers are cached there)")
+    demo.add_argument("--quick", action="store_true", help="a shorter run (about 5 min on 2 cores)")
+    demo.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _exit_code_for(error: BaseException) -> ExitCode:
+    from cdfkd.student_node.errors import CheckpointError, IncompatibleTeachers
+    from cdfkd.teacher_node.errors import DatasetError, InvalidInput, PackageError
+
+    if isinstance(
+        error, ConfigError | DatasetError | PackageError | CheckpointError | InvalidInput
+    ):
+        return ExitCode.USAGE
+    if isinstance(error, IncompatibleTeachers):
+        return ExitCode.FEDERATION
+    return ExitCode.FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cdfkd`` command; returns its exit code."""
+    from cdfkd.protos.errors import CdfkdError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    _configure_logging(-1 if args.quiet else args.verbose)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return int(handler(args))
+    except CdfkdError as error:
+        logger.error("%s", error)
+        return _exit_code_for(error)
+    except KeyboardInterrupt:
+        logger.error("aborted")
+        return ExitCode.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""RunConfig: the TOML file of one distillation run, validated before any work (STYLE.md 5).
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the
+dotted key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cdfkd.coordinator.errors import ConfigError
+from cdfkd.student_node.config import TrainConfig
+from cdfkd.teacher_node.datasets import DatasetName
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceChoice(enum.StrEnum):
+    """Where the student trains: ``auto`` is CUDA when present, else CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    """Resolve the device once; everything below receives the result."""
+    match DeviceChoice(choice):
+        case DeviceChoice.AUTO:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        case DeviceChoice.CPU:
+            return torch.device("cpu")
+        case DeviceChoice.CUDA:
+            if not torch.cuda.is_available():
+                raise ConfigError("run.device = 'cuda' but no CUDA device is available")
+            return torch.device("cuda")
+
+
+class DataConfig(BaseModel):
+    """Real data the coordinator may use.
+
+    Test data for evaluation, k samples for attention, and the owners' training data for the
+    kd_real upper bound.
+    """
+
+    model_config = _FROZEN
+
+    dataset: DatasetName = DatasetName.FASHION_MNIST
+    path: Path | None = None
+    eval_samples: int = Field(default=2000, ge=10, description="test images used during training")
+
+
+class TeacherEntry(BaseModel):
+    """One teacher of the federation, given by its package folder."""
+
+    model_config = _FROZEN
+
+    package: Path
+
+
+class RunSettings(BaseModel):
+    """How the run executes (nothing here changes the math)."""
+
+    model_config = _FROZEN
+
+    device: DeviceChoice = DeviceChoice.AUTO
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    eval_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+
+
+class RunConfig(BaseModel):
+    """A whole run: data, teachers, the training loop, execution settings."""
+
+    model_config = _FROZEN
+
+    data: DataConfig = DataConfig()
+    teachers: tuple[TeacherEntry, ...] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+    run: RunSettings = RunSettings()
+
+
+def _dotted(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "<root>"
+
+
+def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:
+    """Validate a parsed TOML mapping; relative package and data paths resolve against ``base``.
+
+    Raises:
+        ConfigError: naming the first offending dotted key.
+    """
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = _dotted(item["loc"])
+            if item["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"'{key}': {item['msg']}")
+        raise ConfigError("invalid run config: " + "; ".join(problems)) from error
+    if base is None:
+        return config
+    teachers = tuple(
+        TeacherEntry(package=(base / t.package) if not t.package.is_absolute() else t.package)
+        for t in config.teachers
+    )
+    data_config = config.data
+    if data_config.path is not None and not data_config.path.is_absolute():
+        data_config = data_config.model_copy(update={"path": base / data_config.path})
+    return config.model_copy(update={"teachers": teachers, "data": data_config})
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read and validate a run TOML file.
+
+    Raises:
+        ConfigError: missing file, TOML syntax error, or invalid keys.
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} not found") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    return parse_run_config(data, base=Path(path).resolve().parent)
+
+
+def dump_run_config(config: RunConfig) -> str:
+    """The resolved config as JSON (written beside the checkpoints as ``config.json``)."""
+    return config.model_dump_json(indent=2, exclude_none=True)

@@ -1,0 +1,146 @@
+"""PNG plots and the Markdown report of a run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_LOSS_KEYS = (
+    "student_loss",
+    "header_loss",
+    "feature_loss",
+    "ensemble_loss",
+    "generator_loss",
+    "adversarial_loss",
+    "bn_loss",
+)
+
+
+def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Student accuracy (mean of headers, and each header) against wall-clock time."""
+    evals = [r for r in records if r["type"] == "eval"]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if evals:
+        minutes = [r["elapsed"] / 60 for r in evals]
+        axis.plot(minutes, [r["accuracy_mean"] for r in evals], label="mean of headers", lw=2)
+        for index in range(len(evals[0]["accuracy_headers"])):
+            axis.plot(
+                minutes,
+                [r["accuracy_headers"][index] for r in evals],
+                label=f"header {index}",
+                lw=0.8,
+                alpha=0.7,
+            )
+    axis.set_xlabel("training time (min)")
+    axis.set_ylabel("test accuracy (subset)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Every loss term against the iteration."""
+    iterations = [r for r in records if r["type"] == "iteration"]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if iterations:
+        steps = [r["iteration"] for r in iterations]
+        for key in _LOSS_KEYS[:4]:
+            axes[0].plot(steps, [r[key] for r in iterations], label=key, lw=1)
+        for key in _LOSS_KEYS[4:]:
+            axes[1].plot(steps, [r[key] for r in iterations], label=key, lw=1)
+    axes[0].set_title("student (weighted terms)")
+    axes[1].set_title("generator (weighted terms)")
+    for axis in axes:
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_image_grid(images: Tensor, path: Path, columns: int = 8) -> None:
+    """Save pixel-space images ``(B, C, H, W)`` as a grid PNG (min-max scaled per image)."""
+    images = images.detach().float().cpu()
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    images = (images - low) / (high - low).clamp_min(1e-8)
+    rows = (images.shape[0] + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(columns, rows))
+    for index, axis in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
+        axis.axis("off")
+        if index < images.shape[0]:
+            picture = images[index].permute(1, 2, 0)
+            if picture.shape[2] == 1:
+                axis.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                axis.imshow(picture.clamp(0, 1))
+    figure.tight_layout(pad=0.1)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> None:
+    """The Markdown report: results table, settings, plots."""
+    lines = [
+        "# cdfkd run report",
+        "",
+        f"Method: `{summary['method']}`; {summary['iterations']} iterations in "
+        f"{summary['train_seconds']:.0f} s on {summary['device']}.",
+        "",
+        "| model | test accuracy |",
+        "|---|---|",
+    ]
+    for index, value in enumerate(summary["teacher_accuracies"]):
+        lines.append(f"| teacher {index} | {_percent(value)} |")
+    lines.append(
+        f"| teacher ensemble (mean logits) | {_percent(summary['teacher_ensemble_accuracy'])} |"
+    )
+    for index, value in enumerate(summary["student_header_accuracies"]):
+        lines.append(f"| student header {index} | {_percent(value)} |")
+    lines.append(
+        f"| **student, mean of headers** | **{_percent(summary['student_accuracy_mean'])}** |"
+    )
+    lines.append(
+        f"| student, attention (k = {summary['attention_samples']}) | "
+        f"{_percent(summary['student_accuracy_attention'])} |"
+    )
+    lines += [
+        "",
+        f"Student parameters: {summary['student_parameters']:,}; "
+        f"teacher parameters (each, stays with its owner): "
+        f"{', '.join(f'{n:,}' for n in summary['teacher_parameters'])}.",
+        "",
+    ]
+    lines += [f"![{name}]({name})" for name in plots]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def generator_samples(generator: torch.nn.Module, latent_dim: int, count: int) -> Tensor:
+    """``count`` samples as training sees them (batch-statistics BN), with a fixed seed.
+
+    A copy of ``generator`` makes them, so its running statistics stay untouched.
+    """
+    sampler = copy.deepcopy(generator).train()
+    device = next(sampler.parameters()).device
+    latent = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        return sampler(latent.to(device))

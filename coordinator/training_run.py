@@ -1,0 +1,336 @@
+"""One distillation run in this process: teachers, data, loop, checkpoints, attention, report.
+
+This is the body the CLI (and later the Ray worker) calls. It owns the output folder::
+
+    config.json        the resolved run config
+    metrics.jsonl      iteration and evaluation records
+    checkpoints/       atomic TrainState checkpoints (the last few)
+    student/           the distilled student (+ attention aggregator) in safetensors
+    accuracy.png, losses.png, samples.png, report.md, result.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cdfkd.coordinator.config import RunConfig, dump_run_config, resolve_device
+from cdfkd.coordinator.errors import ConfigError
+from cdfkd.coordinator.progress import MetricsWriter, ProgressReporter, read_metrics
+from cdfkd.coordinator.report import (
+    generator_samples,
+    plot_accuracy,
+    plot_losses,
+    save_image_grid,
+    write_report,
+)
+from cdfkd.student_node.artifact import save_student
+from cdfkd.student_node.checkpoint import (
+    config_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cdfkd.student_node.config import Method
+from cdfkd.student_node.errors import NonFiniteLossError
+from cdfkd.student_node.evaluate import (
+    StudentEvaluation,
+    TeacherEvaluation,
+    evaluate_student,
+    evaluate_teachers,
+    header_logits,
+)
+from cdfkd.student_node.models.aggregator import AttentionAggregator, train_attention
+from cdfkd.student_node.teachers.local import InProcessTeacher
+from cdfkd.student_node.teachers.protocol import Teacher
+from cdfkd.student_node.trainer import (
+    IterationMetrics,
+    TrainState,
+    check_teachers,
+    init_state,
+    train,
+)
+from cdfkd.teacher_node.datasets import (
+    ImageDataset,
+    Normalization,
+    Split,
+    load_dataset,
+    stratified_sample,
+)
+from cdfkd.teacher_node.package import read_metadata
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STUDENT_DIR = "student"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    out: Path
+    method: str
+    iterations: int
+    train_seconds: float
+    stopped_early: bool
+    device: str
+    teachers: TeacherEvaluation
+    teacher_parameters: list[int]
+    student: StudentEvaluation
+    student_parameters: int
+    attention_samples: int
+
+    def summary(self) -> dict[str, Any]:
+        """The flat summary written to ``result.json`` (and extended by the demo)."""
+        return {
+            "method": self.method,
+            "device": self.device,
+            "iterations": self.iterations,
+            "train_seconds": round(self.train_seconds, 2),
+            "stopped_early": self.stopped_early,
+            "teacher_accuracies": self.teachers.teachers,
+            "teacher_ensemble_accuracy": self.teachers.ensemble,
+            "teacher_parameters": self.teacher_parameters,
+            "student_header_accuracies": self.student.headers,
+            "student_accuracy_mean": self.student.mean,
+            "student_accuracy_attention": self.student.attention,
+            "student_parameters": self.student_parameters,
+            "attention_samples": self.attention_samples,
+        }
+
+
+def load_local_teachers(config: RunConfig, device: torch.device) -> list[Teacher]:
+    """The run's teachers, in header order, from their packages."""
+    return [InProcessTeacher.from_package(entry.package, device) for entry in config.teachers]
+
+
+def _real_data(
+    config: RunConfig, normalization: Normalization, input_shape: tuple[int, ...]
+) -> tuple[ImageDataset, ImageDataset]:
+    train_set = load_dataset(config.data.dataset, Split.TRAIN, config.data.path)
+    test_set = load_dataset(config.data.dataset, Split.TEST, config.data.path)
+    if test_set.input_shape != tuple(input_shape):
+        raise ConfigError(
+            f"data.dataset {config.data.dataset.value} has images {test_set.input_shape} but the "
+            f"teachers expect {tuple(input_shape)}"
+        )
+    return train_set, test_set
+
+
+class _Interval:
+    """Calls ``action`` every ``every`` iterations."""
+
+    def __init__(self, every: int, action: Callable[[TrainState, IterationMetrics], None]) -> None:
+        self.every = every
+        self.action = action
+
+    def __call__(self, state: TrainState, metrics: IterationMetrics) -> None:
+        if metrics.iteration % self.every == 0:
+            self.action(state, metrics)
+
+
+def run_training(
+    config: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    stop_event: threading.Event | None = None,
+    teachers: list[Teacher] | None = None,
+) -> RunResult:
+    """Distill the run's teachers into a student; write every output into ``out``.
+
+    Args:
+        config: The validated run config.
+        out: Output folder (created).
+        resume: Continue from the latest checkpoint in ``out/checkpoints``.
+        stop_event: Set it to stop after the current iteration (Ctrl-C); a checkpoint is written.
+        teachers: Teachers to use instead of loading the packages of ``config`` (tests).
+
+    Raises:
+        ConfigError: a folder with checkpoints but no ``resume``, or data that do not fit.
+        NonFiniteLossError: training diverged; the last good checkpoint is on disk.
+    """
+    out = Path(out)
+    device = resolve_device(config.run.device)
+    if config.run.threads is not None:
+        torch.set_num_threads(config.run.threads)
+    checkpoints = out / CHECKPOINT_DIR
+    found = latest_checkpoint(checkpoints)
+    if found is not None and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints: pass --resume, or choose another --out"
+        )
+    if resume and found is None:
+        logger.warning("--resume given but %s holds no checkpoint: starting fresh", checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(dump_run_config(config) + "\n")
+
+    if teachers is None:
+        teachers = load_local_teachers(config, device)
+    infos = [teacher.info() for teacher in teachers]
+    first = check_teachers(infos)
+    normalization = Normalization(mean=first.normalization_mean, std=first.normalization_std)
+    train_set, test_set = _real_data(config, normalization, first.input_shape)
+    test_images = normalization.apply(test_set.images).to(device)
+    test_labels = test_set.labels.to(device)
+    eval_images = test_images[: config.data.eval_samples]
+    eval_labels = test_labels[: config.data.eval_samples]
+    train_config = config.train
+    real_images = (
+        normalization.apply(train_set.images).to(device)
+        if train_config.method is Method.KD_REAL
+        else None
+    )
+
+    state = init_state(train_config, infos, device)
+    fingerprint = config_fingerprint(train_config)
+    if resume and found is not None:
+        load_checkpoint(found, state, fingerprint)
+    else:
+        save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+
+    writer = MetricsWriter(out / "metrics.jsonl")
+    started = time.monotonic()
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    def log_iteration(state: TrainState, metrics: IterationMetrics) -> None:
+        writer.iteration(metrics, elapsed())
+
+    def evaluate_now(state: TrainState, metrics: IterationMetrics) -> None:
+        result = evaluate_student(state.student, eval_images, eval_labels)
+        writer.write(
+            "eval",
+            iteration=metrics.iteration,
+            elapsed=round(elapsed(), 3),
+            accuracy_mean=result.mean,
+            accuracy_headers=result.headers,
+        )
+        logger.info("eval it %d: mean of headers %.2f %%", metrics.iteration, 100 * result.mean)
+
+    def checkpoint_now(state: TrainState, metrics: IterationMetrics) -> None:
+        save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+
+    reporter = ProgressReporter(
+        train_config.total_iterations, state.iteration, config.run.log_every
+    )
+
+    def should_stop() -> bool:
+        if stop_event is not None and stop_event.is_set():
+            return True
+        return config.run.max_seconds is not None and elapsed() >= config.run.max_seconds
+
+    try:
+        train(
+            state,
+            teachers,
+            train_config,
+            real_images=real_images,
+            callbacks=[
+                log_iteration,
+                _Interval(config.run.eval_every, evaluate_now),
+                _Interval(config.run.checkpoint_every, checkpoint_now),
+                reporter,
+            ],
+            should_stop=should_stop,
+        )
+    except NonFiniteLossError:
+        last = latest_checkpoint(checkpoints)
+        logger.error("training diverged; the last good checkpoint is %s", last)
+        raise
+    finally:
+        reporter.close()
+    train_seconds = elapsed()
+    save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    stopped_early = state.iteration < train_config.total_iterations
+
+    teacher_result = evaluate_teachers(teachers, test_images, test_labels)
+    aggregator = _fit_attention(state, train_set, normalization, config, device)
+    student_result = evaluate_student(state.student, test_images, test_labels, aggregator)
+    writer.write(
+        "final",
+        iteration=state.iteration,
+        elapsed=round(train_seconds, 3),
+        accuracy_mean=student_result.mean,
+        accuracy_attention=student_result.attention,
+        accuracy_headers=student_result.headers,
+    )
+    writer.close()
+    save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos)
+
+    result = RunResult(
+        out=out,
+        method=train_config.method.value,
+        iterations=state.iteration,
+        train_seconds=train_seconds,
+        stopped_early=stopped_early,
+        device=str(device),
+        teachers=teacher_result,
+        teacher_parameters=[_teacher_parameters(config, i) for i in range(len(teachers))],
+        student=student_result,
+        student_parameters=sum(p.numel() for p in state.student.parameters()),
+        attention_samples=train_config.attention.samples,
+    )
+    _write_outputs(out, state, normalization, result, train_config.generator.latent_dim)
+    return result
+
+
+def _teacher_parameters(config: RunConfig, index: int) -> int:
+    if index >= len(config.teachers):
+        return 0
+    return read_metadata(config.teachers[index].package).num_parameters
+
+
+def _fit_attention(
+    state: TrainState,
+    train_set: ImageDataset,
+    normalization: Normalization,
+    config: RunConfig,
+    device: torch.device,
+) -> AttentionAggregator | None:
+    """Train the attention on k labelled real samples with the student frozen (METHOD.md 3)."""
+    attention = config.train.attention
+    if getattr(state.student, "num_headers", 1) < 2:
+        return None
+    chosen = stratified_sample(train_set.labels, attention.samples, seed=config.train.seed)
+    images: Tensor = normalization.apply(train_set.images[chosen]).to(device)
+    labels = train_set.labels[chosen].to(device)
+    aggregator = AttentionAggregator(train_set.num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        aggregator.reset_parameters()
+    history = train_attention(
+        aggregator,
+        header_logits(state.student, images),
+        labels,
+        attention,
+        torch.Generator().manual_seed(config.train.seed),
+    )
+    logger.info(
+        "attention trained on %d samples: loss %.4f -> %.4f", len(labels), history[0], history[-1]
+    )
+    return aggregator.eval()
+
+
+def _write_outputs(
+    out: Path, state: TrainState, normalization: Normalization, result: RunResult, latent_dim: int
+) -> None:
+    records = read_metrics(out / "metrics.jsonl")
+    plot_accuracy(records, out / "accuracy.png")
+    plot_losses(records, out / "losses.png")
+    samples = generator_samples(state.generator, latent_dim, 32)
+    save_image_grid(normalization.invert(samples.cpu()), out / "samples.png")
+    summary = result.summary()
+    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out / "report.md", summary, ["accuracy.png", "losses.png", "samples.png"])

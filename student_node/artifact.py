@@ -1,0 +1,87 @@
+"""The distilled student as a deliverable: safetensors weights plus ``student.json``.
+
+``student.json`` holds what is needed to rebuild the modules (the training config and the
+teachers' public shapes), never anything of the teachers' parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdfkd.student_node.config import TrainConfig
+from cdfkd.student_node.errors import CheckpointError
+from cdfkd.student_node.models.aggregator import AttentionAggregator
+from cdfkd.student_node.teachers.protocol import TeacherInfo
+from cdfkd.student_node.trainer import build_student
+
+STUDENT_FILE = "student.safetensors"
+AGGREGATOR_FILE = "aggregator.safetensors"
+METADATA_FILE = "student.json"
+
+
+def _save_module(module: nn.Module, path: Path) -> None:
+    state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+    temporary = path.with_suffix(".tmp")
+    save_file(state, str(temporary))
+    os.replace(temporary, path)
+
+
+def save_student(
+    directory: Path,
+    student: nn.Module,
+    aggregator: AttentionAggregator | None,
+    config: TrainConfig,
+    infos: list[TeacherInfo],
+) -> None:
+    """Write the student (and the attention aggregator, if trained) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_module(student, directory / STUDENT_FILE)
+    if aggregator is not None:
+        _save_module(aggregator, directory / AGGREGATOR_FILE)
+    metadata = {
+        "train": config.model_dump(mode="json"),
+        "teachers": [dataclasses.asdict(info) for info in infos],
+    }
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def load_student(
+    directory: Path,
+) -> tuple[nn.Module, AttentionAggregator | None, TrainConfig, list[TeacherInfo]]:
+    """Rebuild the student (eval mode) and its aggregator from ``directory``.
+
+    Raises:
+        CheckpointError: missing or unreadable files.
+    """
+    directory = Path(directory)
+    try:
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+        config = TrainConfig.model_validate(metadata["train"])
+        infos = [
+            TeacherInfo(
+                name=t["name"],
+                input_shape=tuple(t["input_shape"]),  # type: ignore[arg-type]
+                num_classes=t["num_classes"],
+                feature_dim=t["feature_dim"],
+                normalization_mean=tuple(t["normalization_mean"]),
+                normalization_std=tuple(t["normalization_std"]),
+            )
+            for t in metadata["teachers"]
+        ]
+        student = build_student(config, infos)
+        student.load_state_dict(load_file(str(directory / STUDENT_FILE)))
+        aggregator = None
+        if (directory / AGGREGATOR_FILE).exists():
+            aggregator = AttentionAggregator(infos[0].num_classes)
+            aggregator.load_state_dict(load_file(str(directory / AGGREGATOR_FILE)))
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError, RuntimeError) as error:
+        raise CheckpointError(f"{directory} does not hold a readable student: {error}") from error
+    return student.eval(), aggregator, config, infos

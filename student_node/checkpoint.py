@@ -1,0 +1,126 @@
+"""TrainState checkpoints: atomic writes, ``weights_only`` loads, config fingerprints.
+
+A checkpoint holds the student, the generator, both optimizers and schedulers, the iteration,
+the RNG state, the config fingerprint and the code version. Never a teacher's parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdfkd.student_node.config import TrainConfig
+from cdfkd.student_node.errors import CheckpointError
+from cdfkd.student_node.trainer import TrainState
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
+FORMAT_VERSION = 1
+#: Fields that do not change the math of an iteration: a run may be extended or re-evaluated.
+_NON_MATH_FIELDS = {"epochs", "attention"}
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """sha256 of every config field that changes the math of training."""
+    data = config.model_dump_json(exclude=_NON_MATH_FIELDS)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the running code, or 'unknown'."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def checkpoint_path(directory: Path, iteration: int) -> Path:
+    """``directory/checkpoint-<iteration:08d>.pt``."""
+    return Path(directory) / f"checkpoint-{iteration:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints in ``directory`` by increasing iteration."""
+    if not Path(directory).is_dir():
+        return []
+    found = [p for p in Path(directory).iterdir() if CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint with the highest iteration, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: int = 3) -> Path:
+    """Write ``state`` atomically (tmp file + ``os.replace``) and keep the last ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "iteration": state.iteration,
+        "config_fingerprint": fingerprint,
+        "code_version": code_version(),
+        "student": state.student.state_dict(),
+        "generator": state.generator.state_dict(),
+        "student_optimizer": state.student_optimizer.state_dict(),
+        "generator_optimizer": state.generator_optimizer.state_dict(),
+        "student_scheduler": state.student_scheduler.state_dict(),
+        "generator_scheduler": state.generator_scheduler.state_dict(),
+        "rng": state.rng.get_state(),
+    }
+    target = checkpoint_path(directory, state.iteration)
+    temporary = target.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
+    """Restore ``state`` in place from ``path``.
+
+    Raises:
+        CheckpointError: unreadable file, other format, or a config whose math differs.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a cdfkd checkpoint of format {FORMAT_VERSION}")
+    if payload["config_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{path} was written by a run whose configuration changes the math differently "
+            "(fingerprint mismatch): resume with the same config, or start a new output folder"
+        )
+    state.student.load_state_dict(payload["student"])
+    state.generator.load_state_dict(payload["generator"])
+    state.student_optimizer.load_state_dict(payload["student_optimizer"])
+    state.generator_optimizer.load_state_dict(payload["generator_optimizer"])
+    state.student_scheduler.load_state_dict(payload["student_scheduler"])
+    state.generator_scheduler.load_state_dict(payload["generator_scheduler"])
+    state.rng.set_state(payload["rng"])
+    state.iteration = int(payload["iteration"])
+    logger.info("resumed from %s at iteration %d", path, state.iteration)

@@ -1,0 +1,148 @@
+"""Typed, validated configuration of the student side (STYLE.md 5)."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cdfkd.student_node.models.aggregator import AttentionConfig
+
+
+class Method(enum.StrEnum):
+    """Distillation methods sharing one loop (METHOD.md 2)."""
+
+    CDFKD_MFS = "cdfkd_mfs"
+    CDFKD = "cdfkd"
+    DFAD = "dfad"
+    KD_REAL = "kd_real"
+
+
+class StudentKind(enum.StrEnum):
+    """Student families (METHOD.md 1)."""
+
+    MFS = "mfs"
+    SIMPLE_MULTI_HEADER = "simple_multi_header"
+    SINGLE_HEAD = "single_head"
+
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudentConfig(BaseModel):
+    """The student's architecture.
+
+    ``kind`` None picks the method's own student: MFS for cdfkd_mfs and kd_real, the simple
+    multi-header student for cdfkd, a single head for dfad.
+    """
+
+    model_config = _FROZEN
+
+    kind: StudentKind | None = None
+    widths: tuple[int, ...] = (16, 32, 64)
+    strides: tuple[int, ...] = (2, 2, 2)
+    blocks_per_stage: int = Field(default=0, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        if not self.widths or len(self.widths) != len(self.strides):
+            raise ValueError("widths and strides need the same, non-zero length")
+        if any(w < 1 for w in self.widths) or any(s not in (1, 2) for s in self.strides):
+            raise ValueError("widths must be positive and strides 1 or 2")
+        return self
+
+
+class GeneratorConfig(BaseModel):
+    """The generator's size (METHOD.md 2: latent 256; width is the authors' ngf)."""
+
+    model_config = _FROZEN
+
+    latent_dim: int = Field(default=256, ge=1, le=4096)
+    width: int = Field(default=16, ge=1, le=512)
+
+
+class LossWeights(BaseModel):
+    """w_s, w_f, w_e, w_g, w_bn of METHOD.md 2, applied in one place (the trainer's loss functions).
+
+    For ``cdfkd`` the header and ensemble weights multiply KL terms; its authors' defaults are
+    header 1, ensemble 1, feature unused. ``default_for`` returns each method's defaults.
+    """
+
+    model_config = _FROZEN
+
+    header: float = Field(default=1.0, ge=0.0)
+    feature: float = Field(default=0.2, ge=0.0)
+    ensemble: float = Field(default=5.0, ge=0.0)
+    generator: float = Field(default=1.0, ge=0.0)
+    bn: float = Field(default=0.1, ge=0.0)
+
+    @classmethod
+    def default_for(cls, method: Method) -> LossWeights:
+        """The authors' defaults for ``method``."""
+        match method:
+            case Method.CDFKD_MFS | Method.KD_REAL:
+                return cls()
+            case Method.CDFKD:
+                return cls(header=1.0, feature=0.0, ensemble=1.0, generator=1.0, bn=0.1)
+            case Method.DFAD:
+                return cls(header=1.0, feature=0.0, ensemble=0.0, generator=1.0, bn=0.0)
+
+
+class OptimizerConfig(BaseModel):
+    """Student SGD and generator Adam with MultiStepLR, stepped once per epoch."""
+
+    model_config = _FROZEN
+
+    student_lr: float = Field(default=0.1, gt=0.0, le=10.0)
+    student_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    student_weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    generator_lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    milestones: tuple[int, ...] = (100, 200)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerConfig:
+        if list(self.milestones) != sorted(set(self.milestones)) or any(
+            m < 1 for m in self.milestones
+        ):
+            raise ValueError("milestones must be strictly increasing positive epochs")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """The distillation loop: one iteration = K student steps then one generator step."""
+
+    model_config = _FROZEN
+
+    method: Method = Method.CDFKD_MFS
+    batch_size: int = Field(default=256, ge=2, le=65536)
+    student_steps_per_generator_step: int = Field(default=5, ge=1, le=100)
+    epochs: int = Field(default=300, ge=1, le=100_000)
+    iterations_per_epoch: int = Field(default=50, ge=1, le=1_000_000)
+    seed: int = 0
+    weights: LossWeights | None = None
+    optimizer: OptimizerConfig = OptimizerConfig()
+    student: StudentConfig = StudentConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    attention: AttentionConfig = AttentionConfig()
+
+    @property
+    def total_iterations(self) -> int:
+        """Epochs * iterations_per_epoch."""
+        return self.epochs * self.iterations_per_epoch
+
+    def loss_weights(self) -> LossWeights:
+        """The configured weights, or the method's defaults."""
+        return self.weights if self.weights is not None else LossWeights.default_for(self.method)
+
+    def student_kind(self) -> StudentKind:
+        """The configured student family, or the method's own."""
+        if self.student.kind is not None:
+            return self.student.kind
+        match self.method:
+            case Method.CDFKD_MFS | Method.KD_REAL:
+                return StudentKind.MFS
+            case Method.CDFKD:
+                return StudentKind.SIMPLE_MULTI_HEADER
+            case Method.DFAD:
+                return StudentKind.SINGLE_HEAD

@@ -1,0 +1,37 @@
+"""Errors of the student side."""
+
+from __future__ import annotations
+
+from cdfkd.protos.errors import CdfkdError
+
+
+class StudentError(CdfkdError):
+    """Base class of student-side errors."""
+
+
+class NonFiniteLossError(StudentError):
+    """A loss or a synthetic batch became NaN/Inf; the step was not applied.
+
+    Attributes:
+        term: Which quantity was non-finite.
+        iteration: The iteration (0-based) that failed.
+    """
+
+    def __init__(self, term: str, iteration: int) -> None:
+        super().__init__(
+            f"{term} is not finite at iteration {iteration}; the step was not applied. Resume "
+            "from the last checkpoint with lower learning rates or loss weights"
+        )
+        self.term = term
+        self.iteration = iteration
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return (type(self), (self.term, self.iteration))
+
+
+class CheckpointError(StudentError):
+    """A checkpoint is missing, unreadable, or belongs to a different configuration."""
+
+
+class IncompatibleTeachers(StudentError):
+    """The teachers of a run do not share a label space, input shape or normalization."""

@@ -1,0 +1,77 @@
+"""Accuracy per header, of the mean of headers, of the attention aggregate and of the teachers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cdfkd.student_node.models.aggregator import AttentionAggregator
+from cdfkd.student_node.teachers.protocol import Teacher
+from cdfkd.teacher_node.metrics import accuracy, batched
+
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class StudentEvaluation:
+    """Accuracies in [0, 1]; ``attention`` is None when no aggregator was trained."""
+
+    headers: list[float]
+    mean: float
+    attention: float | None
+
+
+@dataclass(frozen=True)
+class TeacherEvaluation:
+    """Each teacher's accuracy and that of the mean of their logits."""
+
+    teachers: list[float]
+    ensemble: float
+
+
+def header_logits(student: nn.Module, images: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+    """The student's header logits ``(N, B, K)`` in eval mode (the previous mode is restored)."""
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat(
+                [torch.stack(student(chunk).logits) for chunk in images.split(batch_size)], dim=1
+            )
+    finally:
+        student.train(was_training)
+
+
+def evaluate_student(
+    student: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    aggregator: AttentionAggregator | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> StudentEvaluation:
+    """Accuracy of each header, of (1/N) sum_i s_i, and of the attention aggregate if given."""
+    logits = header_logits(student, images, batch_size)
+    attention = None
+    if aggregator is not None:
+        aggregator.eval()
+        with torch.no_grad():
+            attention = accuracy(aggregator(logits), labels)
+    return StudentEvaluation(
+        headers=[accuracy(h, labels) for h in logits],
+        mean=accuracy(logits.mean(dim=0), labels),
+        attention=attention,
+    )
+
+
+def evaluate_teachers(
+    teachers: Sequence[Teacher], images: Tensor, labels: Tensor, batch_size: int = EVAL_BATCH_SIZE
+) -> TeacherEvaluation:
+    """Accuracy of each teacher and of their mean logits on normalized ``images``."""
+    logits = [batched(lambda x, t=t: t.query(x).logits, images, batch_size) for t in teachers]
+    return TeacherEvaluation(
+        teachers=[accuracy(t, labels) for t in logits],
+        ensemble=accuracy(torch.stack(logits).mean(dim=0), labels),
+    )

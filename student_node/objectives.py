@@ -1,0 +1,86 @@
+"""Each method's student and generator objectives: the one place loss weights are applied."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from cdfkd.student_node import losses
+from cdfkd.student_node.config import LossWeights, Method
+from cdfkd.student_node.models.multi_header import StudentOutputs
+
+
+@dataclass(frozen=True)
+class StudentLoss:
+    """L_S and its weighted parts (0-dim tensors; absent terms are zero)."""
+
+    total: Tensor
+    header: Tensor
+    feature: Tensor
+    ensemble: Tensor
+
+
+def student_loss(
+    method: Method,
+    weights: LossWeights,
+    student: StudentOutputs,
+    teacher_logits: Sequence[Tensor],
+    teacher_features: Sequence[Tensor],
+) -> StudentLoss:
+    """L_S of METHOD.md 2 for ``method``.
+
+    cdfkd_mfs and kd_real: w_s (1/N) sum L1(s_i, t_i) + w_f (1/N) sum ||f_i - g_i||_1
+    + w_e L1(mean s, mean t). cdfkd: w_s (1/N) sum KL + w_e KL(ensemble). dfad: w_s L1(s, mean t).
+    """
+    zero = student.logits[0].new_zeros(())
+    match method:
+        case Method.CDFKD_MFS | Method.KD_REAL:
+            header = weights.header * losses.header_l1(student.logits, teacher_logits)
+            feature = (
+                weights.feature * losses.header_feature_l1(student.features, teacher_features)
+                if weights.feature
+                else zero
+            )
+            ensemble = weights.ensemble * losses.ensemble_l1(student.logits, teacher_logits)
+        case Method.CDFKD:
+            header = weights.header * losses.header_kl(student.logits, teacher_logits)
+            feature = zero
+            ensemble = weights.ensemble * losses.ensemble_kl(student.logits, teacher_logits)
+        case Method.DFAD:
+            header = weights.header * losses.l1(
+                student.logits[0], losses.mean_logits(teacher_logits)
+            )
+            feature = zero
+            ensemble = zero
+    return StudentLoss(header + feature + ensemble, header, feature, ensemble)
+
+
+def generator_adversarial_loss(
+    method: Method,
+    weights: LossWeights,
+    student: StudentOutputs,
+    teacher_logits: Sequence[Tensor],
+) -> Tensor:
+    """The adversarial part of L_G (the BN-prior part is added by the teachers' VJP).
+
+    cdfkd_mfs: -w_g (1/N) sum_i L1(s_i, t_i), through student and teachers ("asymmetric":
+    only the header discrepancy). cdfkd: -(w_s header KL + w_e ensemble KL) with the teachers'
+    logits detached, as in the authors' code. dfad: -w_g L1(s, mean t).
+    """
+    match method:
+        case Method.CDFKD_MFS:
+            return -weights.generator * losses.header_l1(student.logits, teacher_logits)
+        case Method.CDFKD:
+            detached = [t.detach() for t in teacher_logits]
+            return -(
+                weights.header * losses.header_kl(student.logits, detached)
+                + weights.ensemble * losses.ensemble_kl(student.logits, detached)
+            )
+        case Method.DFAD:
+            return -weights.generator * losses.l1(
+                student.logits[0], losses.mean_logits(teacher_logits)
+            )
+        case Method.KD_REAL:
+            raise ValueError("kd_real trains on real data and has no generator step")

@@ -1,0 +1,55 @@
+"""InProcessTeacher: the Teacher protocol over a TeacherEngine in the same process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
+from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.engine import TeacherEngine
+from cdfkd.teacher_node.package import load_package
+
+
+class InProcessTeacher:
+    """A teacher computed locally by the same engine a teacher node serves.
+
+    Args:
+        engine: The engine over the teacher model.
+        name: The teacher's name.
+        normalization: The normalization the teacher expects.
+    """
+
+    def __init__(self, engine: TeacherEngine, name: str, normalization: Normalization) -> None:
+        self._engine = engine
+        info = engine.info
+        self._info = TeacherInfo(
+            name=name,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            feature_dim=info.feature_dim,
+            normalization_mean=normalization.mean,
+            normalization_std=normalization.std,
+        )
+
+    @classmethod
+    def from_package(cls, directory: Path, device: torch.device | None = None) -> InProcessTeacher:
+        """Load a teacher package (see ``cdfkd teacher train``) onto ``device`` (default CPU)."""
+        metadata, model = load_package(directory)
+        engine = TeacherEngine(model.to(device or torch.device("cpu")), metadata.spec.input_shape)
+        return cls(engine, metadata.name, metadata.normalization)
+
+    def info(self) -> TeacherInfo:
+        """Shapes and normalization of the teacher."""
+        return self._info
+
+    def query(self, images: Tensor) -> TeacherOutputs:
+        """Logits, features and R(x) for ``images``; no gradient."""
+        out = self._engine.query(images)
+        return TeacherOutputs(out.logits, out.features, out.bn_loss)
+
+    def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
+        """The input VJP of the engine."""
+        return self._engine.input_grad(images, grad_logits, bn_weight)

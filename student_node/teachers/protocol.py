@@ -1,0 +1,65 @@
+"""The one way the student side talks to a teacher (STYLE.md 3).
+
+The trainer sees ``Sequence[Teacher]``; an in-process teacher and a remote one implement the
+same protocol over the same engine code, so their results compare with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the student side may know about a teacher: shapes, never parameters.
+
+    Attributes:
+        name: The owner's name for the teacher.
+        input_shape: ``(C, H, W)`` of normalized inputs.
+        num_classes: Size of the label space.
+        feature_dim: Width of the penultimate feature g_i.
+        normalization_mean: Per-channel mean the teacher was trained with.
+        normalization_std: Per-channel std the teacher was trained with.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    feature_dim: int
+    normalization_mean: tuple[float, ...]
+    normalization_std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """A teacher's answers for a batch ``x``.
+
+    Attributes:
+        logits: float32 (B, num_classes) t_i(x).
+        features: float32 (B, feature_dim) g_i(x).
+        bn_loss: 0-dim R_i(x) (METHOD.md 2).
+    """
+
+    logits: Tensor
+    features: Tensor
+    bn_loss: Tensor
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A teacher as the distillation loop sees it."""
+
+    def info(self) -> TeacherInfo:
+        """Shapes and normalization of the teacher."""
+        ...
+
+    def query(self, images: Tensor) -> TeacherOutputs:
+        """Logits, features and R(x) for ``images`` float32 (B, C, H, W); no gradient."""
+        ...
+
+    def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
+        """d/dx [<grad_logits, t(x)> + bn_weight * R(x)], float32 (B, C, H, W)."""
+        ...

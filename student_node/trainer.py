@@ -1,0 +1,336 @@
+"""The asymmetric adversarial distillation loop (METHOD.md 2), written against the Teacher protocol.
+
+No grpc, ray or flwr here: the loop takes its teachers, RNG and device as arguments and
+reports through callbacks. The generator step needs from each teacher only its logits, R(x)
+and the input VJP, so in-process and remote teachers give the same gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from cdfkd.student_node.config import LossWeights, Method, StudentKind, TrainConfig
+from cdfkd.student_node.errors import IncompatibleTeachers, NonFiniteLossError
+from cdfkd.student_node.generator import Generator
+from cdfkd.student_node.models.backbones import ConvTrunk
+from cdfkd.student_node.models.multi_header import (
+    MFSStudent,
+    SimpleMultiHeaderStudent,
+    SingleHeadStudent,
+)
+from cdfkd.student_node.objectives import generator_adversarial_loss, student_loss
+from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; checkpointed whole (never any teacher)."""
+
+    student: nn.Module
+    generator: Generator
+    student_optimizer: torch.optim.Optimizer
+    generator_optimizer: torch.optim.Optimizer
+    student_scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator_scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: torch.Generator
+    iteration: int = 0
+
+
+@dataclass(frozen=True)
+class IterationMetrics:
+    """What one iteration reports (typed, so no logging key can be swapped).
+
+    Student terms are the weighted means over the iteration's K student steps; generator
+    terms are from its one generator step (zero for kd_real, which has none).
+    """
+
+    iteration: int
+    epoch: int
+    student_loss: float
+    header_loss: float
+    feature_loss: float
+    ensemble_loss: float
+    generator_loss: float
+    adversarial_loss: float
+    bn_loss: float
+    student_lr: float
+    generator_lr: float
+    seconds: float
+
+
+class TrainCallback(Protocol):
+    """Receives the state after every completed iteration."""
+
+    def __call__(self, state: TrainState, metrics: IterationMetrics) -> None:
+        """Handle one completed iteration."""
+        ...
+
+
+def check_teachers(infos: Sequence[TeacherInfo]) -> TeacherInfo:
+    """Return the first teacher's info after checking all agree on what must be shared.
+
+    Raises:
+        IncompatibleTeachers: classes, input shape or normalization differ.
+    """
+    if not infos:
+        raise IncompatibleTeachers("a run needs at least one teacher")
+    first = infos[0]
+    for info in infos[1:]:
+        for field in ("num_classes", "input_shape", "normalization_mean", "normalization_std"):
+            if getattr(info, field) != getattr(first, field):
+                raise IncompatibleTeachers(
+                    f"teacher {info.name!r} has {field} {getattr(info, field)} but "
+                    f"{first.name!r} has {getattr(first, field)}: all teachers of a run must share "
+                    "the label space, input shape and normalization"
+                )
+    return first
+
+
+def build_student(config: TrainConfig, infos: Sequence[TeacherInfo]) -> nn.Module:
+    """The student of ``config`` with one header per teacher (one in all for a single head)."""
+    first = check_teachers(infos)
+    trunk = ConvTrunk(
+        first.input_shape[0],
+        config.student.widths,
+        config.student.strides,
+        config.student.blocks_per_stage,
+    )
+    feature_dims = [info.feature_dim for info in infos]
+    match config.student_kind():
+        case StudentKind.MFS:
+            return MFSStudent(trunk, first.num_classes, feature_dims)
+        case StudentKind.SIMPLE_MULTI_HEADER:
+            return SimpleMultiHeaderStudent(trunk, first.num_classes, feature_dims)
+        case StudentKind.SINGLE_HEAD:
+            return SingleHeadStudent(trunk, first.num_classes)
+
+
+def init_state(
+    config: TrainConfig, infos: Sequence[TeacherInfo], device: torch.device
+) -> TrainState:
+    """Fresh student, generator, optimizers and schedulers, initialized from ``config.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        student = build_student(config, infos).to(device)
+        generator = Generator(
+            config.generator.latent_dim, infos[0].input_shape, config.generator.width
+        ).to(device)
+    optimizer = config.optimizer
+    student_optimizer = torch.optim.SGD(
+        student.parameters(),
+        lr=optimizer.student_lr,
+        momentum=optimizer.student_momentum,
+        weight_decay=optimizer.student_weight_decay,
+    )
+    generator_optimizer = torch.optim.Adam(generator.parameters(), lr=optimizer.generator_lr)
+    milestones = list(optimizer.milestones)
+    return TrainState(
+        student=student,
+        generator=generator,
+        student_optimizer=student_optimizer,
+        generator_optimizer=generator_optimizer,
+        student_scheduler=torch.optim.lr_scheduler.MultiStepLR(
+            student_optimizer, milestones, optimizer.gamma
+        ),
+        generator_scheduler=torch.optim.lr_scheduler.MultiStepLR(
+            generator_optimizer, milestones, optimizer.gamma
+        ),
+        rng=torch.Generator(device=device).manual_seed(config.seed + 1),
+    )
+
+
+def _fan_out(
+    executor: Executor | None,
+    function: Callable[[Teacher], Tensor | TeacherOutputs],
+    teachers: Sequence[Teacher],
+) -> list:
+    """Apply ``function`` to every teacher, concurrently when an executor is given."""
+    if executor is None or len(teachers) == 1:
+        return [function(teacher) for teacher in teachers]
+    return list(executor.map(function, teachers))
+
+
+def _require_finite(value: Tensor, term: str, iteration: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteLossError(term, iteration)
+
+
+def _sample_latent(state: TrainState, config: TrainConfig) -> Tensor:
+    device = next(state.generator.parameters()).device
+    return torch.randn(
+        config.batch_size, config.generator.latent_dim, generator=state.rng, device=device
+    )
+
+
+def student_step(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    images: Tensor,
+    config: TrainConfig,
+    weights: LossWeights,
+    executor: Executor | None = None,
+) -> tuple[float, float, float, float]:
+    """One student update on ``images`` (no gradient to G).
+
+    Returns:
+        The weighted (total, header, feature, ensemble) terms of L_S.
+    """
+    answers: list[TeacherOutputs] = _fan_out(executor, lambda t: t.query(images), teachers)
+    outputs = state.student(images)
+    loss = student_loss(
+        config.method,
+        weights,
+        outputs,
+        [a.logits for a in answers],
+        [a.features for a in answers],
+    )
+    _require_finite(loss.total, "student loss", state.iteration)
+    state.student_optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    state.student_optimizer.step()
+    return (loss.total.item(), loss.header.item(), loss.feature.item(), loss.ensemble.item())
+
+
+def generator_step(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    config: TrainConfig,
+    weights: LossWeights,
+    executor: Executor | None = None,
+) -> tuple[float, float, float]:
+    """One generator update: dL_G/dx = student path + sum_i teacher VJPs, then x.backward.
+
+    Returns:
+        (L_G, its adversarial part, its weighted BN-prior part).
+    """
+    latent = _sample_latent(state, config)
+    state.generator_optimizer.zero_grad(set_to_none=True)
+    images = state.generator(latent)
+    _require_finite(images, "generator images", state.iteration)
+    leaf = images.detach().requires_grad_(True)
+    frozen = leaf.detach()
+    outputs = state.student(leaf)
+    answers: list[TeacherOutputs] = _fan_out(executor, lambda t: t.query(frozen), teachers)
+    teacher_logits = [a.logits.detach().clone().requires_grad_(True) for a in answers]
+    adversarial = generator_adversarial_loss(config.method, weights, outputs, teacher_logits)
+    bn_weight = weights.bn / len(teachers)
+    bn = bn_weight * torch.stack([a.bn_loss for a in answers]).sum()
+    _require_finite(adversarial + bn, "generator loss", state.iteration)
+    gradients = torch.autograd.grad(adversarial, [leaf, *teacher_logits], allow_unused=True)
+    grad_images = gradients[0] if gradients[0] is not None else torch.zeros_like(leaf)
+    cotangents = [
+        g if g is not None else torch.zeros_like(t)
+        for g, t in zip(gradients[1:], teacher_logits, strict=True)
+    ]
+    pairs = list(zip(teachers, cotangents, strict=True))
+    teacher_grads = _fan_out(
+        executor,
+        lambda pair: pair[0].input_grad(frozen, pair[1], bn_weight),
+        pairs,  # type: ignore[arg-type]
+    )
+    for grad in teacher_grads:
+        grad_images = grad_images + grad
+    _require_finite(grad_images, "generator input gradient", state.iteration)
+    images.backward(grad_images)
+    state.generator_optimizer.step()
+    return ((adversarial + bn).item(), adversarial.item(), bn.item())
+
+
+def run_iteration(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    config: TrainConfig,
+    real_images: Tensor | None = None,
+    executor: Executor | None = None,
+) -> IterationMetrics:
+    """K student steps then one generator step (kd_real: K steps on real batches, no generator)."""
+    started = time.perf_counter()
+    weights = config.loss_weights()
+    state.student.train()
+    state.generator.train()
+    sums = [0.0, 0.0, 0.0, 0.0]
+    steps = config.student_steps_per_generator_step
+    for _ in range(steps):
+        if config.method is Method.KD_REAL:
+            if real_images is None:
+                raise ValueError("kd_real needs real_images")
+            chosen = torch.randint(
+                0,
+                real_images.shape[0],
+                (config.batch_size,),
+                generator=state.rng,
+                device=state.rng.device,
+            )
+            images = real_images[chosen.to(real_images.device)]
+        else:
+            with torch.no_grad():
+                images = state.generator(_sample_latent(state, config))
+            _require_finite(images, "generator images", state.iteration)
+        terms = student_step(state, teachers, images, config, weights, executor)
+        sums = [a + b for a, b in zip(sums, terms, strict=True)]
+    generator_terms = (0.0, 0.0, 0.0)
+    if config.method is not Method.KD_REAL:
+        generator_terms = generator_step(state, teachers, config, weights, executor)
+    state.iteration += 1
+    if state.iteration % config.iterations_per_epoch == 0:
+        state.student_scheduler.step()
+        state.generator_scheduler.step()
+    return IterationMetrics(
+        iteration=state.iteration,
+        epoch=state.iteration // config.iterations_per_epoch,
+        student_loss=sums[0] / steps,
+        header_loss=sums[1] / steps,
+        feature_loss=sums[2] / steps,
+        ensemble_loss=sums[3] / steps,
+        generator_loss=generator_terms[0],
+        adversarial_loss=generator_terms[1],
+        bn_loss=generator_terms[2],
+        student_lr=state.student_optimizer.param_groups[0]["lr"],
+        generator_lr=state.generator_optimizer.param_groups[0]["lr"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def train(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    config: TrainConfig,
+    *,
+    real_images: Tensor | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    should_stop: Callable[[], bool] | None = None,
+    executor: Executor | None = None,
+) -> TrainState:
+    """Run iterations from ``state.iteration`` up to ``config.total_iterations``.
+
+    Args:
+        state: Initial or resumed state; updated in place and returned.
+        teachers: One per header, in header order.
+        config: The loop's configuration.
+        real_images: Normalized real training images, for kd_real only.
+        callbacks: Called after every iteration (logging, evaluation, checkpoints).
+        should_stop: Polled after every iteration; True ends training early (time budgets).
+        executor: Runs the per-teacher calls concurrently when given.
+
+    Raises:
+        NonFiniteLossError: a loss, image batch or gradient became NaN/Inf (step not applied).
+    """
+    if len(teachers) == 0:
+        raise IncompatibleTeachers("a run needs at least one teacher")
+    while state.iteration < config.total_iterations:
+        metrics = run_iteration(state, teachers, config, real_images, executor)
+        for callback in callbacks:
+            callback(state, metrics)
+        if should_stop is not None and should_stop():
+            break
+    return state

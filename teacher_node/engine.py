@@ -1,0 +1,211 @@
+"""TeacherEngine: everything the distillation loop needs from one teacher, in pure torch.
+
+The engine answers, for a batch of *synthetic* images ``x``: the teacher's logits ``t(x)``,
+its penultimate features ``g(x)``, the BatchNorm-prior term ``R(x)`` of METHOD.md section 2,
+and the input vector-Jacobian product of METHOD.md "What the system adds":
+
+    d/dx [ <v, t(x)> + bn_weight * R(x) ]
+
+It never returns parameters or BN running statistics, only values computed on ``x``.
+Forward hooks live only for the duration of one call and hand their values back through
+a local list, so no state survives between calls (STYLE.md anti-pattern 7).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from cdfkd.teacher_node.errors import InvalidInput
+from cdfkd.teacher_node.zoo import ClassifierOutput
+
+logger = logging.getLogger(__name__)
+
+#: c_1 of METHOD.md: the first BN layer's term is scaled by 5, the others by 1 (authors' code).
+FIRST_BN_SCALE = 5.0
+
+
+class EngineOutputs(NamedTuple):
+    """Teacher answers for one batch.
+
+    Attributes:
+        logits: ``(B, num_classes)`` t_i(x).
+        features: ``(B, feature_dim)`` g_i(x).
+        bn_loss: scalar R_i(x) (0-dim tensor).
+    """
+
+    logits: Tensor
+    features: Tensor
+    bn_loss: Tensor
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Shape facts about the hosted teacher (no parameters)."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    feature_dim: int
+    num_bn_layers: int
+
+
+def bn_prior(
+    batch_means: Sequence[Tensor],
+    batch_vars: Sequence[Tensor],
+    running_means: Sequence[Tensor],
+    running_vars: Sequence[Tensor],
+    scales: Sequence[float],
+) -> Tensor:
+    """R(x) = sum_l c_l * (||mu_l(x) - mu_hat_l||_2 + ||var_l(x) - var_hat_l||_2) (METHOD.md 2).
+
+    Args:
+        batch_means: per BN layer, ``(C_l,)`` mean of the layer's input over batch and space.
+        batch_vars: per BN layer, ``(C_l,)`` biased variance of the same.
+        running_means: per BN layer, ``(C_l,)`` the layer's running mean.
+        running_vars: per BN layer, ``(C_l,)`` the layer's running variance.
+        scales: per BN layer, c_l.
+
+    Returns:
+        A 0-dim tensor.
+    """
+    terms = [
+        scale * (torch.linalg.vector_norm(mean - r_mean) + torch.linalg.vector_norm(var - r_var))
+        for mean, var, r_mean, r_var, scale in zip(
+            batch_means, batch_vars, running_means, running_vars, scales, strict=True
+        )
+    ]
+    return torch.stack(terms).sum()
+
+
+def _channel_stats(inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance per channel (dim 1) of a BN layer's input ``(B, C, *)``."""
+    dims = [0, *range(2, inputs.dim())]
+    return inputs.mean(dim=dims), inputs.var(dim=dims, unbiased=False)
+
+
+class TeacherEngine:
+    """Answers queries about synthetic images for one frozen teacher.
+
+    Args:
+        model: A classifier returning :class:`ClassifierOutput`. It is put in eval mode
+            (BN uses running statistics; R(x) uses the batch statistics of x) and frozen.
+        input_shape: ``(C, H, W)`` the teacher expects.
+        first_bn_scale: c_1 of METHOD.md.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, int, int],
+        first_bn_scale: float = FIRST_BN_SCALE,
+    ) -> None:
+        self._model = model.eval().requires_grad_(False)
+        self._input_shape = tuple(input_shape)
+        # modules() order, as the authors' hooks: c_1 applies to the first registered BN layer.
+        self._bn_layers: list[nn.modules.batchnorm._BatchNorm] = [
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self._scales = [first_bn_scale] + [1.0] * (len(self._bn_layers) - 1)
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            probe = model(
+                torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device)
+            )
+        self._info = EngineInfo(
+            input_shape=input_shape,
+            num_classes=int(probe.logits.shape[1]),
+            feature_dim=int(probe.features.shape[1]),
+            num_bn_layers=len(self._bn_layers),
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        """Shape facts about the teacher."""
+        return self._info
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the teacher computes in."""
+        return next(self._model.parameters()).dtype
+
+    def query(self, images: Tensor) -> EngineOutputs:
+        """Logits, features and R(x) for ``images`` float (B, C, H, W), without gradients."""
+        self._check_images(images)
+        with torch.no_grad():
+            return self._forward(images)
+
+    def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
+        """The VJP d/dx [<grad_logits, t(x)> + bn_weight * R(x)].
+
+        Args:
+            images: float (B, C, H, W) synthetic images.
+            grad_logits: float (B, num_classes) the cotangent v = dL_G/dt computed by the caller.
+            bn_weight: the factor on R(x), w_bn / N in METHOD.md.
+
+        Returns:
+            float (B, C, H, W), the gradient with respect to ``images``.
+        """
+        self._check_images(images)
+        expected = (images.shape[0], self._info.num_classes)
+        if tuple(grad_logits.shape) != expected:
+            raise InvalidInput(
+                f"grad_logits has shape {tuple(grad_logits.shape)}, expected {expected}"
+            )
+        _check_finite("grad_logits", grad_logits)
+        inputs = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            outputs = self._forward(inputs)
+            objective = (outputs.logits * grad_logits.to(outputs.logits.dtype)).sum()
+            if bn_weight != 0.0:
+                objective = objective + bn_weight * outputs.bn_loss
+            (gradient,) = torch.autograd.grad(objective, inputs)
+        return gradient
+
+    def _forward(self, images: Tensor) -> EngineOutputs:
+        stats: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def make_hook(index: int):  # noqa: ANN202 - closure factory
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                stats[index] = _channel_stats(inputs[0])
+
+            return hook
+
+        handles = [bn.register_forward_hook(make_hook(i)) for i, bn in enumerate(self._bn_layers)]
+        try:
+            output: ClassifierOutput = self._model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self._bn_layers:
+            order = range(len(self._bn_layers))
+            bn_loss = bn_prior(
+                [stats[i][0] for i in order],
+                [stats[i][1] for i in order],
+                [bn.running_mean for bn in self._bn_layers],  # type: ignore[misc]
+                [bn.running_var for bn in self._bn_layers],  # type: ignore[misc]
+                self._scales,
+            )
+        else:
+            bn_loss = output.logits.new_zeros(())
+        return EngineOutputs(output.logits, output.features, bn_loss)
+
+    def _check_images(self, images: Tensor) -> None:
+        if not torch.is_floating_point(images):
+            raise InvalidInput(f"images must be floating point, got {images.dtype}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != self._input_shape:
+            raise InvalidInput(
+                f"images have shape {tuple(images.shape)}, expected (B, *{self._input_shape})"
+            )
+        if images.shape[0] < 2:
+            raise InvalidInput("a batch needs at least 2 images for BatchNorm batch statistics")
+        _check_finite("images", images)
+
+
+def _check_finite(name: str, tensor: Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidInput(f"{name} contains NaN or Inf")

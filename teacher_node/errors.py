@@ -1,0 +1,21 @@
+"""Errors of the teacher side: packages, engine input, training data."""
+
+from __future__ import annotations
+
+from cdfkd.protos.errors import CdfkdError
+
+
+class TeacherError(CdfkdError):
+    """Base class of teacher-side errors."""
+
+
+class InvalidInput(TeacherError):
+    """A tensor handed to the teacher engine has the wrong shape, dtype or values."""
+
+
+class PackageError(TeacherError):
+    """A teacher package is missing, corrupt, truncated or of another architecture."""
+
+
+class DatasetError(TeacherError):
+    """A dataset cannot be read (missing files, bad format)."""

@@ -1,0 +1,191 @@
+"""Supervised training of a teacher on one owner's private shard (``cdfkd teacher train``)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from cdfkd.teacher_node.datasets import (
+    DatasetName,
+    ImageDataset,
+    Normalization,
+    Split,
+    dirichlet_shards,
+    iid_shards,
+    load_dataset,
+)
+from cdfkd.teacher_node.metrics import accuracy, batched
+from cdfkd.teacher_node.package import TeacherMetadata, save_package
+from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier, feature_dim_of
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherTrainConfig(BaseModel):
+    """Hyper-parameters of supervised teacher training (Adam with cosine decay)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=8, ge=1, le=1000)
+    batch_size: int = Field(default=128, ge=2, le=8192)
+    learning_rate: float = Field(default=2e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+def train_classifier(
+    model: nn.Module,
+    train: ImageDataset,
+    normalization: Normalization,
+    config: TeacherTrainConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` with cross-entropy on ``train``; returns it in eval mode.
+
+    Args:
+        model: A classifier returning ``ClassifierOutput``.
+        train: Raw [0, 1] images of the owner's shard.
+        normalization: Applied to every batch.
+        config: Hyper-parameters.
+        on_epoch: Called with (epoch, mean training loss) after each epoch.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    images = normalization.apply(train.images)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch
+    )
+    model.train()
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = F.cross_entropy(model(images[chosen]).logits, train.labels[chosen])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+        if on_epoch is not None:
+            on_epoch(epoch, total / steps_per_epoch)
+    return model.eval()
+
+
+def classifier_accuracy(
+    model: nn.Module, dataset: ImageDataset, normalization: Normalization, batch_size: int = 1000
+) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset``."""
+    model.eval()
+    logits = batched(lambda x: model(x).logits, normalization.apply(dataset.images), batch_size)
+    return accuracy(logits, dataset.labels)
+
+
+class Partition(enum.StrEnum):
+    """How the training set is cut into owners' shards."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+
+
+class TeacherJob(BaseModel):
+    """One owner's teacher: data shard, architecture and training (``cdfkd teacher train``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    dataset: DatasetName = DatasetName.FASHION_MNIST
+    data_path: Path | None = None
+    architecture: Architecture = Architecture.LENET5_BN
+    depth: int = Field(default=1, ge=1, le=18)
+    width: int = Field(default=16, ge=4, le=512)
+    shard: int = Field(default=0, ge=0)
+    num_shards: int = Field(default=1, ge=1)
+    partition: Partition = Partition.IID
+    alpha: float = Field(default=0.5, gt=0.0)
+    shard_seed: int = 0
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherJob:
+        if self.shard >= self.num_shards:
+            raise ValueError(f"shard {self.shard} is out of range for {self.num_shards} shards")
+        return self
+
+
+def owner_shard(job: TeacherJob, train: ImageDataset) -> ImageDataset:
+    """The job's owner's private part of ``train``."""
+    if job.num_shards == 1:
+        return train
+    if job.partition is Partition.IID:
+        shards = iid_shards(len(train), job.num_shards, job.shard_seed)
+    else:
+        shards = dirichlet_shards(train.labels, job.num_shards, job.alpha, job.shard_seed)
+    return train.subset(shards[job.shard])
+
+
+def train_teacher_package(job: TeacherJob, out: Path) -> TeacherMetadata:
+    """Train the job's teacher on its shard, measure it on the test split, write the package.
+
+    The normalization is computed on the full training split of the dataset, so that all
+    owners of a federation share it (the run checks that they do).
+    """
+    train_full = load_dataset(job.dataset, Split.TRAIN, job.data_path)
+    test = load_dataset(job.dataset, Split.TEST, job.data_path)
+    normalization = Normalization.of(train_full)
+    shard = owner_shard(job, train_full)
+    spec = ArchitectureSpec(
+        architecture=job.architecture,
+        input_shape=shard.input_shape,
+        num_classes=shard.num_classes,
+        depth=job.depth,
+        width=job.width,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed)
+        model = build_classifier(spec)
+    logger.info(
+        "training teacher %s (%s) on %d samples for %d epochs",
+        job.name,
+        spec.architecture.value,
+        len(shard),
+        job.epochs,
+    )
+    train_classifier(
+        model,
+        shard,
+        normalization,
+        TeacherTrainConfig(
+            epochs=job.epochs,
+            batch_size=job.batch_size,
+            learning_rate=job.learning_rate,
+            seed=job.seed,
+        ),
+        on_epoch=lambda epoch, loss: logger.info("  epoch %d: loss %.4f", epoch + 1, loss),
+    )
+    test_accuracy = classifier_accuracy(model, test, normalization)
+    logger.info("teacher %s: test accuracy %.2f %%", job.name, 100 * test_accuracy)
+    return save_package(
+        out,
+        model,
+        name=job.name,
+        spec=spec,
+        normalization=normalization,
+        feature_dim=feature_dim_of(model),
+        test_accuracy=test_accuracy,
+        train_samples=len(shard),
+    )
