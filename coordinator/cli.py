@@ -18,15 +18,22 @@ from cdfkd.coordinator.errors import ConfigError, ExitCode
 logger = logging.getLogger("cdfkd")
 
 
+_HANDLER_NAME = "cdfkd-cli"
+
+
 def _configure_logging(verbosity: int) -> None:
+    """Log cdfkd's records to stderr; the only place logging is configured."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    package_logger = logging.getLogger("cdfkd")
+    for handler in [h for h in package_logger.handlers if h.get_name() == _HANDLER_NAME]:
+        package_logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     )
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
     os.environ.setdefault("GRPC_VERBOSITY", "error")
 
 

@@ -284,7 +284,8 @@ def run_iteration(
     state.iteration += 1
     if state.iteration % config.iterations_per_epoch == 0:
         state.student_scheduler.step()
-        state.generator_scheduler.step()
+        if config.method is not Method.KD_REAL:
+            state.generator_scheduler.step()
     return IterationMetrics(
         iteration=state.iteration,
         epoch=state.iteration // config.iterations_per_epoch,

@@ -181,7 +181,7 @@ def iid_shards(num_samples: int, num_shards: int, seed: int) -> list[Tensor]:
     if num_shards < 1 or num_shards > num_samples:
         raise ValueError(f"cannot cut {num_samples} samples into {num_shards} shards")
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    return [chunk.sort().values for chunk in order.chunk(num_shards)]
+    return [chunk.sort().values for chunk in order.tensor_split(num_shards)]
 
 
 def dirichlet_shards(labels: Tensor, num_shards: int, alpha: float, seed: int) -> list[Tensor]:

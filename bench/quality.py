@@ -1,0 +1,264 @@
+"""Quality benchmark: every method gets the same wall-clock budget on the same machine.
+
+    python bench/quality.py --out DIR [--budget-min M] [--quick]
+
+Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST (cached in DIR/teachers); each
+method trains from scratch for the budget and is evaluated on the full test split. Writes
+DIR/quality.json and appends a table to bench/RESULTS.md, with a second table for a
+heterogeneous federation (LeNet-5-BN + two different ResNets) unless --no-hetero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdfkd.coordinator.config import RunConfig, RunSettings, TeacherEntry
+from cdfkd.coordinator.training_run import load_local_teachers, run_training
+from cdfkd.student_node.config import Method, TrainConfig
+from cdfkd.student_node.trainer import init_state, run_iteration
+from cdfkd.teacher_node.datasets import DatasetName, Normalization, Split, load_dataset
+from cdfkd.teacher_node.package import read_metadata
+from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
+
+logger = logging.getLogger("bench.quality")
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+#: Tuned for 2 CPU cores and a budget of minutes (see bench/RESULTS.md for the reasoning).
+BASE_TRAIN: dict[str, Any] = {
+    "batch_size": 128,
+    "iterations_per_epoch": 25,
+    "generator": {"latent_dim": 256, "width": 8},
+    "attention": {"samples": 60},
+}
+#: Learning rates drop x0.1 at these fractions of the budget (METHOD.md: epochs 100, 200 of 300).
+MILESTONE_FRACTIONS = (2 / 3,)
+
+
+def homogeneous_jobs(epochs: int) -> list[TeacherJob]:
+    return [
+        TeacherJob(name=f"lenet-{i + 1}", shard=i, num_shards=3, epochs=epochs, seed=i)
+        for i in range(3)
+    ]
+
+
+def heterogeneous_jobs(epochs: int) -> list[TeacherJob]:
+    return [
+        TeacherJob(name="lenet-1", shard=0, num_shards=3, epochs=epochs, seed=0),
+        TeacherJob(
+            name="resnet8-w8",
+            architecture="resnet",
+            depth=1,
+            width=8,
+            shard=1,
+            num_shards=3,
+            epochs=epochs,
+            seed=1,
+        ),
+        TeacherJob(
+            name="resnet14-w6",
+            architecture="resnet",
+            depth=2,
+            width=6,
+            shard=2,
+            num_shards=3,
+            epochs=epochs,
+            seed=2,
+        ),
+    ]
+
+
+def ensure_teachers(root: Path, jobs: list[TeacherJob]) -> list[Path]:
+    packages = []
+    for job in jobs:
+        directory = root / job.name
+        if not (directory / "teacher.json").exists():
+            train_teacher_package(job, directory)
+        packages.append(directory)
+    return packages
+
+
+def calibrate(train: TrainConfig, packages: list[Path]) -> float:
+    """Seconds per iteration of ``train`` here (3 timed iterations after 1 warm-up)."""
+    config = RunConfig(teachers=tuple(TeacherEntry(package=p) for p in packages), train=train)
+    teachers = load_local_teachers(config, torch.device("cpu"))
+    state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
+    real = None
+    if train.method is Method.KD_REAL:
+        data = load_dataset(DatasetName.FASHION_MNIST, Split.TRAIN)
+        info = teachers[0].info()
+        real = Normalization(mean=info.normalization_mean, std=info.normalization_std).apply(
+            data.images[:5000]
+        )
+    run_iteration(state, teachers, train, real)
+    started = time.perf_counter()
+    for _ in range(3):
+        run_iteration(state, teachers, train, real)
+    return (time.perf_counter() - started) / 3
+
+
+def run_method(method: Method, packages: list[Path], budget_s: float, out: Path) -> dict[str, Any]:
+    probe = TrainConfig.model_validate({**BASE_TRAIN, "method": method})
+    seconds_per_iteration = calibrate(probe, packages)
+    iterations = max(1, int(budget_s / seconds_per_iteration))
+    epochs = max(1, iterations // probe.iterations_per_epoch)
+    milestones = sorted({max(1, int(epochs * f)) for f in MILESTONE_FRACTIONS})
+    train = TrainConfig.model_validate(
+        {**BASE_TRAIN, "method": method, "epochs": epochs, "optimizer": {"milestones": milestones}}
+    )
+    config = RunConfig(
+        teachers=tuple(TeacherEntry(package=p) for p in packages),
+        train=train,
+        run=RunSettings(
+            device="cpu", max_seconds=budget_s, checkpoint_every=10**6, eval_every=50, log_every=50
+        ),
+    )
+    logger.info(
+        "%s: %.2f s/it -> %d epochs (milestones %s) in %.0f s",
+        method.value,
+        seconds_per_iteration,
+        epochs,
+        milestones,
+        budget_s,
+    )
+    result = run_training(config, out / method.value)
+    return {
+        "mean": result.student.mean,
+        "attention": result.student.attention,
+        "headers": result.student.headers,
+        "iterations": result.iterations,
+        "planned_iterations": train.total_iterations,
+        "seconds_per_iteration": round(seconds_per_iteration, 3),
+        "train_seconds": round(result.train_seconds, 1),
+        "student_parameters": result.student_parameters,
+        "teachers": result.teachers.teachers,
+        "teacher_ensemble": result.teachers.ensemble,
+    }
+
+
+def federation(
+    name: str, jobs: list[TeacherJob], methods: list[Method], budget_s: float, out: Path
+) -> dict[str, Any]:
+    packages = ensure_teachers(out / "teachers", jobs)
+    runs = {m.value: run_method(m, packages, budget_s, out / name) for m in methods}
+    any_run = next(iter(runs.values()))
+    summary: dict[str, Any] = {
+        "teachers": any_run["teachers"],
+        "teacher_names": [read_metadata(p).name for p in packages],
+        "teacher_ensemble": any_run["teacher_ensemble"],
+        "budget_s": budget_s,
+        "methods": {},
+        "runs": runs,
+    }
+    for method, run in runs.items():
+        if method == Method.CDFKD_MFS.value:
+            summary["methods"]["cdfkd_mfs_mean"] = run["mean"]
+            summary["methods"]["cdfkd_mfs_attention"] = run["attention"]
+        else:
+            summary["methods"][method] = run["mean"]
+    return summary
+
+
+def _row(label: str, value: float | None, run: dict[str, Any] | None) -> str:
+    accuracy = "n/a" if value is None else f"{100 * value:.2f}"
+    if run is None:
+        return f"| {label} | {accuracy} | | | |"
+    return (
+        f"| {label} | {accuracy} | {run['iterations']} | {run['seconds_per_iteration']:.2f} "
+        f"| {run['student_parameters']:,} |"
+    )
+
+
+def markdown(title: str, summary: dict[str, Any]) -> str:
+    runs = summary["runs"]
+    teachers = ", ".join(
+        f"{n} {100 * a:.2f}"
+        for n, a in zip(summary["teacher_names"], summary["teachers"], strict=True)
+    )
+    lines = [
+        f"#### {title}",
+        "",
+        f"Teachers (test accuracy %): {teachers}; mean-logit ensemble "
+        f"{100 * summary['teacher_ensemble']:.2f}. Budget {summary['budget_s'] / 60:.1f} min per method.",
+        "",
+        "| method | test accuracy % | iterations | s / iteration | student parameters |",
+        "|---|---|---|---|---|",
+    ]
+    methods = summary["methods"]
+    for key, label in (
+        ("kd_real", "KD on real data (upper bound)"),
+        ("dfad", "DFAD (mean teacher, single head)"),
+        ("cdfkd", "CDFKD (ICME'21, simple multi-header)"),
+    ):
+        if key in methods:
+            lines.append(_row(label, methods[key], runs[key]))
+    if "cdfkd_mfs_mean" in methods:
+        lines.append(
+            _row("CDFKD-MFS, mean of headers", methods["cdfkd_mfs_mean"], runs["cdfkd_mfs"])
+        )
+        lines.append(_row("CDFKD-MFS, attention (k = 60)", methods["cdfkd_mfs_attention"], None))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--budget-min", type=float, default=15.0)
+    parser.add_argument("--quick", action="store_true", help="1 min per method, no hetero table")
+    parser.add_argument("--no-hetero", action="store_true")
+    parser.add_argument("--hetero-budget-min", type=float, help="default: --budget-min")
+    parser.add_argument("--methods", nargs="+", default=[m.value for m in Method])
+    parser.add_argument("--teacher-epochs", type=int, default=6)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    budget = 60.0 if args.quick else args.budget_min * 60
+    methods = [Method(m) for m in args.methods]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = federation(
+        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, budget, args.out
+    )
+    report = {**{k: v for k, v in result.items() if k != "teacher_names"}}
+    tables = [markdown("Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST", result)]
+    if not (args.quick or args.no_hetero):
+        hetero_budget = (args.hetero_budget_min or args.budget_min) * 60
+        hetero = federation(
+            "heterogeneous",
+            heterogeneous_jobs(args.teacher_epochs),
+            methods,
+            hetero_budget,
+            args.out,
+        )
+        report["heterogeneous"] = hetero
+        tables.append(
+            markdown("Heterogeneous: LeNet-5-BN + ResNet-8 (w8) + ResNet-14 (w6)", hetero)
+        )
+    report["machine"] = {
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py --out {args.out}"
+        f"{' --quick' if args.quick else f' --budget-min {args.budget_min:g}'}`; "
+        f"{torch.get_num_threads()} CPU threads, device cpu.\n\n"
+    )
+    with RESULTS.open("a") as handle:
+        handle.write(header + "\n".join(tables))
+    print(json.dumps(report["methods"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
