@@ -187,7 +187,8 @@ def markdown(title: str, summary: dict[str, Any]) -> str:
         f"#### {title}",
         "",
         f"Teachers (test accuracy %): {teachers}; mean-logit ensemble "
-        f"{100 * summary['teacher_ensemble']:.2f}. Budget {summary['budget_s'] / 60:.1f} min per method.",
+        f"{100 * summary['teacher_ensemble']:.2f}. "
+        f"Budget {summary['budget_s'] / 60:.1f} min per method.",
         "",
         "| method | test accuracy % | iterations | s / iteration | student parameters |",
         "|---|---|---|---|---|",

@@ -119,7 +119,8 @@ def test_train_writes_every_output_then_resume_and_evaluate(
     assert [r["iteration"] for r in records if r["type"] == "eval"] == [2, 4, 6]
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "checkpoint-00000006.pt"
     report = (out / "report.md").read_text()
-    assert "mean of headers" in report and "attention" in report
+    assert "mean of headers" in report
+    assert "attention" in report
 
     # Same folder without --resume: refused, nothing overwritten.
     assert main(["train", "--config", str(config), "--out", str(out)]) == ExitCode.USAGE

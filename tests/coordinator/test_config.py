@@ -59,7 +59,8 @@ def test_bad_files(tmp_path: Path) -> None:
         load_run_config(broken)
     ok = tmp_path / "ok.toml"
     ok.write_text(
-        '[[teachers]]\npackage = "a"\n[train]\nbatch_size = 64\n[train.optimizer]\ngenerator_lr = 1e-3\n'
+        '[[teachers]]\npackage = "a"\n[train]\nbatch_size = 64\n'
+        "[train.optimizer]\ngenerator_lr = 1e-3\n"
     )
     config = load_run_config(ok)
     assert config.train.batch_size == 64

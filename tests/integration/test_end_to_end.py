@@ -36,4 +36,5 @@ def test_cdfkd_mfs_distills_digits_teachers(digits_teachers, tmp_path: Path) -> 
     assert min(summary["teacher_accuracies"]) > 0.85
     # 10 classes: chance is 10 %.
     assert result.student.mean >= 0.6, summary
-    assert result.student.attention is not None and result.student.attention >= 0.55, summary
+    assert result.student.attention is not None
+    assert result.student.attention >= 0.55, summary

@@ -44,7 +44,6 @@ def test_resume_gives_exactly_the_uninterrupted_state(digits_teachers, tmp_path:
     train(first, teachers, config, should_stop=lambda: first.iteration >= 3)
     assert first.iteration == 3
     save_checkpoint(tmp_path, first, fingerprint)
-    del first
     resumed = init_state(config.model_copy(update={"seed": 99}), infos, torch.device("cpu"))
     load_checkpoint(latest_checkpoint(tmp_path), resumed, fingerprint)
     assert resumed.iteration == 3

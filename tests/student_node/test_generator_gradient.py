@@ -59,7 +59,9 @@ def _reference_loss(
         layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         inputs: dict[int, torch.Tensor] = {}
         handles = [
-            layer.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0]))
+            layer.register_forward_hook(
+                lambda m, i, o, k=k, store=inputs: store.__setitem__(k, i[0])
+            )
             for k, layer in enumerate(layers)
         ]
         logits.append(model(images).logits)
@@ -78,7 +80,8 @@ def _reference_loss(
     match method:
         case Method.CDFKD_MFS:
             adv = sum(
-                -weights.generator * F.l1_loss(s, t) / n for s, t in zip(student_logits, logits)
+                -weights.generator * F.l1_loss(s, t) / n
+                for s, t in zip(student_logits, logits, strict=True)
             )
         case Method.DFAD:
             adv = -weights.generator * F.l1_loss(student_logits[0], torch.stack(logits).mean(0))
@@ -90,7 +93,9 @@ def _reference_loss(
                 )
 
             adv = -(
-                weights.header * sum(kl(s, t) for s, t in zip(student_logits, logits)) / n
+                weights.header
+                * sum(kl(s, t) for s, t in zip(student_logits, logits, strict=True))
+                / n
                 + weights.ensemble
                 * kl(torch.stack(student_logits).mean(0), torch.stack(logits).mean(0))
             )

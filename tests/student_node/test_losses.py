@@ -90,7 +90,8 @@ def test_dfad_student_objective_uses_the_mean_teacher() -> None:
         _t(F_T),
     )
     assert out.total.item() == pytest.approx(np.abs(S[0] - T.mean(axis=0)).mean(), abs=1e-13)
-    assert out.feature.item() == 0.0 and out.ensemble.item() == 0.0
+    assert out.feature.item() == 0.0
+    assert out.ensemble.item() == 0.0
 
 
 def test_cdfkd_student_objective_is_kl() -> None:

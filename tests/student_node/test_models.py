@@ -27,7 +27,8 @@ def test_output_shapes(kind: StudentKind) -> None:
     student = _student(kind, [84, 84, 84])
     out = student(torch.randn(4, 1, 32, 32))
     headers = 1 if kind is StudentKind.SINGLE_HEAD else 3
-    assert len(out.logits) == headers and len(out.features) == headers
+    assert len(out.logits) == headers
+    assert len(out.features) == headers
     assert all(t.shape == (4, 10) for t in out.logits)
     if kind is not StudentKind.SINGLE_HEAD:
         assert all(f.shape == (4, 84) for f in out.features)
@@ -63,10 +64,12 @@ def test_every_header_reaches_every_trunk_level_and_only_its_own_encoders() -> N
         student(images).logits[header].square().sum().backward()
         for level, stage in enumerate(student.trunk.stages):
             grad = stage[0].weight.grad
-            assert grad is not None and grad.abs().sum() > 0, (header, level)
+            assert grad is not None
+            assert grad.abs().sum() > 0, (header, level)
         for level in range(3):
             conv = student.encoders[header][level].layers[0].weight
-            assert conv.grad is not None and conv.grad.abs().sum() > 0
+            assert conv.grad is not None
+            assert conv.grad.abs().sum() > 0
         for other in set(range(3)) - {header}:
             assert all(p.grad is None for p in student.encoders[other].parameters())
 
@@ -86,7 +89,8 @@ def test_mfs_level_outputs_feed_the_next_encoder() -> None:
 
 def test_simple_multi_header_shares_all_but_the_last_stage() -> None:
     student = _student(StudentKind.SIMPLE_MULTI_HEADER, [64, 64], widths=(8, 16, 32))
-    assert len(student.shared) == 2 and len(student.last_stages) == 2
+    assert len(student.shared) == 2
+    assert len(student.last_stages) == 2
     first, second = student.last_stages
     assert not torch.equal(first[0].weight, second[0].weight)
 

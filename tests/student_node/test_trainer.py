@@ -39,13 +39,17 @@ def test_each_method_runs_and_changes_the_student(digits_teachers, method: Metho
     assert [m.iteration for m in seen] == [1, 2, 3, 4]
     assert [m.epoch for m in seen] == [0, 1, 1, 2]
     assert all(torch.isfinite(torch.tensor(m.student_loss)) for m in seen)
-    assert any(not torch.equal(a, b) for a, b in zip(before, state.student.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, state.student.parameters(), strict=True)
+    )
     generator_moved = any(
-        not torch.equal(a, b) for a, b in zip(generator_before, state.generator.parameters())
+        not torch.equal(a, b)
+        for a, b in zip(generator_before, state.generator.parameters(), strict=True)
     )
     assert generator_moved is (method is not Method.KD_REAL)
     if method is Method.CDFKD_MFS:
-        assert seen[-1].feature_loss > 0 and seen[-1].bn_loss > 0
+        assert seen[-1].feature_loss > 0
+        assert seen[-1].bn_loss > 0
 
 
 def test_learning_rate_follows_the_milestones(digits_teachers) -> None:

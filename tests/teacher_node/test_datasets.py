@@ -34,7 +34,8 @@ def test_fashion_mnist_test_split_is_read_and_padded() -> None:
     test = load_fashion_mnist(Split.TEST)
     assert test.images.shape == (10_000, 1, 32, 32)
     assert test.images.dtype == torch.float32
-    assert 0.0 <= test.images.min() and test.images.max() <= 1.0
+    assert test.images.min() >= 0.0
+    assert test.images.max() <= 1.0
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     assert test.images[:, :, :2].abs().sum() == 0  # the padding
 

@@ -29,7 +29,8 @@ def test_round_trip_gives_the_same_outputs_and_metadata(package: Path) -> None:
     assert metadata.spec.input_shape == (1, 16, 16)
     assert metadata.feature_dim == 84
     assert metadata.num_parameters == sum(p.numel() for p in model.parameters())
-    assert metadata.test_accuracy is not None and metadata.test_accuracy > 0.85
+    assert metadata.test_accuracy is not None
+    assert metadata.test_accuracy > 0.85
     images = torch.randn(5, 1, 16, 16)
     assert torch.equal(model(images).logits, again(images).logits)
 
