@@ -88,6 +88,26 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_teacher_serve(args: argparse.Namespace) -> int:
+    from cdfkd.teacher_node.config import load_teacher_config
+    from cdfkd.teacher_node.server import serve
+
+    return serve(load_teacher_config(Path(args.config)))
+
+
+def _cmd_pki_dev(args: argparse.Namespace) -> int:
+    from cdfkd.teacher_node.pki import create_dev_pki
+
+    clients = tuple(args.client) or ("student",)
+    pki = create_dev_pki(Path(args.out), tuple(args.server_name), clients)
+    print(
+        json.dumps(
+            {"ca": str(pki.ca.cert), "server": str(pki.server.cert), "client": str(pki.client.cert)}
+        )
+    )
+    return ExitCode.OK
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from cdfkd.coordinator.config import load_run_config
     from cdfkd.coordinator.training_run import run_training
@@ -160,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     train_teacher.add_argument("--lr", type=float, default=2e-3)
     train_teacher.add_argument("--seed", type=int, default=0)
     train_teacher.set_defaults(handler=_cmd_teacher_train)
+    serve_teacher = teacher_commands.add_parser(
+        "serve", help="serve a teacher package over gRPC with mutual TLS (one per organization)"
+    )
+    serve_teacher.add_argument("--config", required=True, help="teacher TOML file")
+    serve_teacher.set_defaults(handler=_cmd_teacher_serve)
+
+    pki = commands.add_parser("pki", help="certificates for mutual TLS")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    pki_dev = pki_commands.add_parser(
+        "dev", help="create a development CA with server and client certificates"
+    )
+    pki_dev.add_argument("--out", required=True, help="folder to write the PEM files into")
+    pki_dev.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="extra DNS name or IP for the server certificate (repeatable)",
+    )
+    pki_dev.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        help="client certificate common name (repeatable; default: student)",
+    )
+    pki_dev.set_defaults(handler=_cmd_pki_dev)
 
     train = commands.add_parser("train", help="distill the teachers of a run config into a student")
     train.add_argument("--config", required=True, help="run TOML file")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import enum
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from cdfkd.coordinator.errors import ConfigError
 from cdfkd.student_node.config import TrainConfig
+from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
 from cdfkd.teacher_node.datasets import DatasetName
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -56,12 +57,25 @@ class DataConfig(BaseModel):
     eval_samples: int = Field(default=2000, ge=10, description="test images used during training")
 
 
-class TeacherEntry(BaseModel):
-    """One teacher of the federation, given by its package folder."""
+class PackageTeacher(BaseModel):
+    """A teacher loaded in-process from its package folder (tests, single-owner runs)."""
 
     model_config = _FROZEN
 
     package: Path
+
+
+def _teacher_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "remote" if "address" in value else "package"
+    return "remote" if isinstance(value, RemoteTeacherConfig) else "package"
+
+
+#: A teacher by package folder, or by address of its teacher node (plus TLS files).
+TeacherEntry = Annotated[
+    Annotated[PackageTeacher, Tag("package")] | Annotated[RemoteTeacherConfig, Tag("remote")],
+    Discriminator(_teacher_kind),
+]
 
 
 class RunSettings(BaseModel):
@@ -103,7 +117,15 @@ def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfi
         config = RunConfig.model_validate(data)
     except ValidationError as error:
         problems = []
-        for item in error.errors():
+        items = error.errors()
+        nested = {item["loc"][0] for item in items if len(item["loc"]) > 1}
+        for item in items:
+            if (
+                item["type"] == "too_short"
+                and item["loc"][:1] == item["loc"]
+                and item["loc"][0] in nested
+            ):
+                continue  # a consequence of the nested error already reported
             key = _dotted(item["loc"])
             if item["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}'")
@@ -112,9 +134,15 @@ def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfi
         raise ConfigError("invalid run config: " + "; ".join(problems)) from error
     if base is None:
         return config
+
+    def resolve(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base / path
+
     teachers = tuple(
-        TeacherEntry(package=(base / t.package) if not t.package.is_absolute() else t.package)
-        for t in config.teachers
+        entry.model_copy(update={"package": resolve(entry.package)})
+        if isinstance(entry, PackageTeacher)
+        else entry.model_copy(update={k: resolve(getattr(entry, k)) for k in ("ca", "cert", "key")})
+        for entry in config.teachers
     )
     data_config = config.data
     if data_config.path is not None and not data_config.path.is_absolute():

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdfkd.coordinator.config import RunConfig, RunSettings, TeacherEntry
+from cdfkd.coordinator.config import PackageTeacher, RunConfig, RunSettings
 from cdfkd.coordinator.training_run import CHECKPOINT_DIR, run_training
 from cdfkd.student_node.checkpoint import latest_checkpoint
 from cdfkd.student_node.config import (
@@ -94,7 +94,7 @@ def run_demo(
     for job in _teacher_jobs(quick, data_path):
         directory = out / "teachers" / job.name
         _ensure_teacher(job, directory)
-        packages.append(TeacherEntry(package=directory.resolve()))
+        packages.append(PackageTeacher(package=directory.resolve()))
     teacher_seconds = time.monotonic() - started
     config = RunConfig(
         data={"dataset": DatasetName.FASHION_MNIST, "path": data_path},

@@ -94,6 +94,10 @@ def save_image_grid(images: Tensor, path: Path, columns: int = 8) -> None:
     plt.close(figure)
 
 
+def _count(value: int | None) -> str:
+    return "not disclosed" if value is None else f"{value:,}"
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
@@ -127,7 +131,7 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         "",
         f"Student parameters: {summary['student_parameters']:,}; "
         f"teacher parameters (each, stays with its owner): "
-        f"{', '.join(f'{n:,}' for n in summary['teacher_parameters'])}.",
+        f"{', '.join(_count(n) for n in summary['teacher_parameters'])}.",
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]

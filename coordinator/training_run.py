@@ -15,7 +15,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdfkd.coordinator.config import RunConfig, dump_run_config, resolve_device
+from cdfkd.coordinator.config import PackageTeacher, RunConfig, dump_run_config, resolve_device
 from cdfkd.coordinator.errors import ConfigError
 from cdfkd.coordinator.progress import MetricsWriter, ProgressReporter, read_metrics
 from cdfkd.coordinator.report import (
@@ -52,8 +53,10 @@ from cdfkd.student_node.evaluate import (
 from cdfkd.student_node.models.aggregator import AttentionAggregator, train_attention
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.protocol import Teacher
+from cdfkd.student_node.teachers.remote import RemoteTeacher
 from cdfkd.student_node.trainer import (
     IterationMetrics,
+    TrainCallback,
     TrainState,
     check_teachers,
     init_state,
@@ -85,7 +88,7 @@ class RunResult:
     stopped_early: bool
     device: str
     teachers: TeacherEvaluation
-    teacher_parameters: list[int]
+    teacher_parameters: list[int | None]
     student: StudentEvaluation
     student_parameters: int
     attention_samples: int
@@ -109,9 +112,22 @@ class RunResult:
         }
 
 
-def load_local_teachers(config: RunConfig, device: torch.device) -> list[Teacher]:
-    """The run's teachers, in header order, from their packages."""
-    return [InProcessTeacher.from_package(entry.package, device) for entry in config.teachers]
+def load_teachers(config: RunConfig, device: torch.device) -> list[Teacher]:
+    """The run's teachers in header order: in-process from packages, or remote by address."""
+    teachers: list[Teacher] = []
+    for entry in config.teachers:
+        if isinstance(entry, PackageTeacher):
+            teachers.append(InProcessTeacher.from_package(entry.package, device))
+        else:
+            teachers.append(RemoteTeacher(entry))
+    return teachers
+
+
+def close_teachers(teachers: list[Teacher]) -> None:
+    """Close the channels of remote teachers."""
+    for teacher in teachers:
+        if isinstance(teacher, RemoteTeacher):
+            teacher.close()
 
 
 def _real_data(
@@ -146,6 +162,7 @@ def run_training(
     resume: bool = False,
     stop_event: threading.Event | None = None,
     teachers: list[Teacher] | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> RunResult:
     """Distill the run's teachers into a student; write every output into ``out``.
 
@@ -155,6 +172,7 @@ def run_training(
         resume: Continue from the latest checkpoint in ``out/checkpoints``.
         stop_event: Set it to stop after the current iteration (Ctrl-C); a checkpoint is written.
         teachers: Teachers to use instead of loading the packages of ``config`` (tests).
+        callbacks: Extra per-iteration callbacks (benchmarks).
 
     Raises:
         ConfigError: a folder with checkpoints but no ``resume``, or data that do not fit.
@@ -175,8 +193,34 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_run_config(config) + "\n")
 
-    if teachers is None:
-        teachers = load_local_teachers(config, device)
+    owned = teachers is None
+    teachers = load_teachers(config, device) if teachers is None else teachers
+    remote = any(isinstance(t, RemoteTeacher) for t in teachers)
+    # Remote teachers answer concurrently: an iteration waits for the slowest, not the sum.
+    executor = ThreadPoolExecutor(len(teachers), "teacher-fan-out") if remote else None
+    try:
+        return _distill(
+            config, out, device, teachers, executor, resume, found, stop_event, callbacks
+        )
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if owned:
+            close_teachers(teachers)
+
+
+def _distill(
+    config: RunConfig,
+    out: Path,
+    device: torch.device,
+    teachers: list[Teacher],
+    executor: Executor | None,
+    resume: bool,
+    found: Path | None,
+    stop_event: threading.Event | None,
+    extra_callbacks: Sequence[TrainCallback],
+) -> RunResult:
+    checkpoints = out / CHECKPOINT_DIR
     infos = [teacher.info() for teacher in teachers]
     first = check_teachers(infos)
     normalization = Normalization(mean=first.normalization_mean, std=first.normalization_std)
@@ -242,8 +286,10 @@ def run_training(
                 _Interval(config.run.eval_every, evaluate_now),
                 _Interval(config.run.checkpoint_every, checkpoint_now),
                 reporter,
+                *extra_callbacks,
             ],
             should_stop=should_stop,
+            executor=executor,
         )
     except NonFiniteLossError:
         last = latest_checkpoint(checkpoints)
@@ -286,10 +332,14 @@ def run_training(
     return result
 
 
-def _teacher_parameters(config: RunConfig, index: int) -> int:
+def _teacher_parameters(config: RunConfig, index: int) -> int | None:
+    """A local package's parameter count; None for remote teachers (the owner does not say)."""
     if index >= len(config.teachers):
-        return 0
-    return read_metadata(config.teachers[index].package).num_parameters
+        return None
+    entry = config.teachers[index]
+    if not isinstance(entry, PackageTeacher):
+        return None
+    return read_metadata(entry.package).num_parameters
 
 
 def _fit_attention(

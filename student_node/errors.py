@@ -35,3 +35,36 @@ class CheckpointError(StudentError):
 
 class IncompatibleTeachers(StudentError):
     """The teachers of a run do not share a label space, input shape or normalization."""
+
+
+class RemoteTeacherError(StudentError):
+    """A remote teacher could not answer; the message names the node and what to do.
+
+    Attributes:
+        address: The node's address.
+        code: The gRPC status name (e.g. "UNAVAILABLE").
+    """
+
+    def __init__(self, message: str, address: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (str(self), self.address, self.code))
+
+
+class TeacherUnavailable(RemoteTeacherError):
+    """The node did not answer within the retries (down, unreachable, or TLS failed)."""
+
+
+class TeacherRefused(RemoteTeacherError):
+    """The node refused the caller: unauthenticated, not permitted, or out of budget."""
+
+
+class TeacherRejectedRequest(RemoteTeacherError):
+    """The node judged the request malformed (a bug on the student side, or a version skew)."""
+
+
+class TeacherFailed(RemoteTeacherError):
+    """The node failed internally; its operator has the incident id in the node's log."""

@@ -14,6 +14,7 @@ a local list, so no state survives between calls (STYLE.md anti-pattern 7).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -111,6 +112,8 @@ class TeacherEngine:
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._scales = [first_bn_scale] + [1.0] * (len(self._bn_layers) - 1)
+        # Calls from several server threads share the modules the per-call hooks attach to.
+        self._lock = threading.Lock()
         parameter = next(model.parameters())
         with torch.no_grad():
             probe = model(
@@ -136,7 +139,7 @@ class TeacherEngine:
     def query(self, images: Tensor) -> EngineOutputs:
         """Logits, features and R(x) for ``images`` float (B, C, H, W), without gradients."""
         self._check_images(images)
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             return self._forward(images)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
@@ -158,7 +161,7 @@ class TeacherEngine:
             )
         _check_finite("grad_logits", grad_logits)
         inputs = images.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with self._lock, torch.enable_grad():
             outputs = self._forward(inputs)
             objective = (outputs.logits * grad_logits.to(outputs.logits.dtype)).sum()
             if bn_weight != 0.0:

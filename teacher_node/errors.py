@@ -19,3 +19,15 @@ class PackageError(TeacherError):
 
 class DatasetError(TeacherError):
     """A dataset cannot be read (missing files, bad format)."""
+
+
+class TeacherConfigError(TeacherError):
+    """A teacher.toml is missing, malformed or has a bad key (exit code 2)."""
+
+
+class LimitExceeded(TeacherError):
+    """A request is larger than the node's configured limits (RESOURCE_EXHAUSTED)."""
+
+
+class PermissionDenied(TeacherError):
+    """The caller asked for something the owner does not allow it (PERMISSION_DENIED)."""

@@ -65,3 +65,10 @@ def test_bad_files(tmp_path: Path) -> None:
     config = load_run_config(ok)
     assert config.train.batch_size == 64
     assert config.train.optimizer.generator_lr == pytest.approx(1e-3)  # TOML reads 1e-3 as a float
+
+
+def test_the_example_run_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "run.example.toml"
+    config = load_run_config(example)
+    assert len(config.teachers) == 3
+    assert config.train.total_iterations == 24 * 25

@@ -1,0 +1,240 @@
+"""RemoteTeacher: the Teacher protocol over gRPC to a teacher node.
+
+Every call has a deadline; calls are idempotent (the node keeps no state), so UNAVAILABLE and
+DEADLINE_EXCEEDED are retried with exponential backoff; every other status maps to a typed
+error whose message says what to do. gRPC channels do not pickle: pass a
+:class:`RemoteTeacherConfig` (addresses and file paths) and build the teacher where it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
+from cdfkd.protos.codec import WIRE_DTYPES, InvalidTensor, TensorLimits, decode, encode
+from cdfkd.student_node.errors import (
+    RemoteTeacherError,
+    TeacherFailed,
+    TeacherRefused,
+    TeacherRejectedRequest,
+    TeacherUnavailable,
+)
+from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
+
+logger = logging.getLogger(__name__)
+
+Reply = TypeVar("Reply")
+
+_RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class RemoteTeacherConfig(BaseModel):
+    """How to reach one teacher node (picklable: plain values and paths only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str = Field(min_length=3, description="host:port of the teacher node")
+    ca: Path | None = Field(default=None, description="CA that signed the node's certificate")
+    cert: Path | None = Field(default=None, description="this student's client certificate")
+    key: Path | None = Field(default=None, description="this student's client key")
+    server_name: str | None = Field(default=None, description="name to check instead of host")
+    insecure: bool = False
+    deadline_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    retries: int = Field(default=4, ge=0, le=100)
+    backoff_s: float = Field(default=0.2, ge=0.0, le=60.0)
+    max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0)
+    wire_dtype: str = "float32"
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RemoteTeacherConfig:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
+        missing = [k for k in ("ca", "cert", "key") if getattr(self, k) is None]
+        if not self.insecure and missing:
+            raise ValueError(
+                f"mutual TLS needs ca, cert and key (missing {missing}); or insecure = true"
+            )
+        return self
+
+
+def open_channel(config: RemoteTeacherConfig) -> grpc.Channel:
+    """A channel with the configured TLS and message-size limits."""
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    if config.insecure:
+        return grpc.insecure_channel(config.address, options=options)
+    if config.server_name:
+        options.append(("grpc.ssl_target_name_override", config.server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(config.ca).read_bytes(),  # type: ignore[arg-type]
+        private_key=Path(config.key).read_bytes(),  # type: ignore[arg-type]
+        certificate_chain=Path(config.cert).read_bytes(),  # type: ignore[arg-type]
+    )
+    return grpc.secure_channel(config.address, credentials, options=options)
+
+
+def _error_for(error: grpc.RpcError, address: str, method: str) -> RemoteTeacherError:
+    code = error.code()
+    details = error.details() or ""
+    where = f"teacher node {address} ({method})"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return TeacherRefused(
+            f"{where} refused this caller: {details}. Check the client certificate and ask the "
+            "node's owner to allow this identity",
+            address,
+            code.name,
+        )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return TeacherRefused(
+            f"{where} refused the request as too large or over budget: {details}",
+            address,
+            code.name,
+        )
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return TeacherRejectedRequest(
+            f"{where} rejected the request: {details}. The student and the node may disagree "
+            "on shapes or versions",
+            address,
+            code.name,
+        )
+    if code in _RETRIED:
+        return TeacherUnavailable(
+            f"{where} did not answer ({code.name}: {details}). Check that the node runs, that "
+            "the address is reachable, and that its certificate is trusted (a TLS failure looks "
+            "like this too)",
+            address,
+            code.name,
+        )
+    return TeacherFailed(
+        f"{where} failed ({code.name}: {details}); the node's operator has the details",
+        address,
+        code.name,
+    )
+
+
+class RemoteTeacher:
+    """A teacher on a teacher node, reached over gRPC.
+
+    Args:
+        config: Address, TLS files, deadline, retries and wire dtype.
+        channel: An existing channel (tests); by default one is opened from ``config``.
+        sleep: Injected for tests of the backoff.
+    """
+
+    def __init__(
+        self,
+        config: RemoteTeacherConfig,
+        channel: grpc.Channel | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self._channel = channel or open_channel(config)
+        self._stub = teacher_pb2_grpc.TeacherServiceStub(self._channel)
+        self._sleep = sleep
+        self.calls = 0
+        metadata = self._call(
+            "GetMetadata", self._stub.GetMetadata, teacher_pb2.GetMetadataRequest()
+        )
+        self.metadata = metadata
+        self._info = TeacherInfo(
+            name=metadata.name,
+            input_shape=tuple(metadata.input_shape),  # type: ignore[arg-type]
+            num_classes=metadata.num_classes,
+            feature_dim=metadata.feature_dim,
+            normalization_mean=tuple(metadata.normalization_mean),
+            normalization_std=tuple(metadata.normalization_std),
+        )
+        batch = max(1, metadata.max_batch)
+        self._limits = TensorLimits(
+            max_rank=4,
+            max_elements=batch
+            * max(metadata.num_classes, metadata.feature_dim, math.prod(self._info.input_shape)),
+        )
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> RemoteTeacher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def info(self) -> TeacherInfo:
+        """Shapes and normalization, from the node's metadata."""
+        return self._info
+
+    def query(self, images: Tensor) -> TeacherOutputs:
+        """Logits, features and R(x) for ``images``, computed on the node."""
+        request = teacher_pb2.QueryRequest(
+            images=encode(images, self.config.wire_dtype),
+            want_features=True,
+            want_bn_loss=True,
+            response_dtype=self.config.wire_dtype,
+        )
+        reply = self._call("Query", self._stub.Query, request)
+        batch = images.shape[0]
+        device = images.device
+        logits = self._decode(reply.logits, "logits", (batch, self._info.num_classes))
+        features = self._decode(reply.features, "features", (batch, self._info.feature_dim))
+        bn_loss = torch.tensor(reply.bn_loss, dtype=torch.float32)
+        return TeacherOutputs(logits.to(device), features.to(device), bn_loss.to(device))
+
+    def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
+        """d/dx [<grad_logits, t(x)> + bn_weight * R(x)], computed on the node."""
+        request = teacher_pb2.InputGradRequest(
+            images=encode(images, self.config.wire_dtype),
+            grad_logits=encode(grad_logits, self.config.wire_dtype),
+            bn_weight=float(bn_weight),
+            response_dtype=self.config.wire_dtype,
+        )
+        reply = self._call("InputGrad", self._stub.InputGrad, request)
+        gradient = self._decode(reply.grad_images, "grad_images", tuple(images.shape))
+        return gradient.to(images.device)
+
+    def _decode(self, message: teacher_pb2.Tensor, name: str, shape: tuple[int, ...]) -> Tensor:
+        try:
+            return decode(message, name=name, expected_shape=shape, limits=self._limits)
+        except InvalidTensor as error:
+            raise TeacherFailed(
+                f"teacher node {self.config.address} sent a malformed {name}: {error}",
+                self.config.address,
+                "MALFORMED_RESPONSE",
+            ) from error
+
+    def _call(self, method: str, function: Callable[..., Reply], request: object) -> Reply:
+        """One RPC with a deadline; retries idempotent failures with exponential backoff."""
+        delay = self.config.backoff_s
+        for attempt in range(self.config.retries + 1):
+            self.calls += 1
+            try:
+                return function(request, timeout=self.config.deadline_s)
+            except grpc.RpcError as error:
+                if error.code() not in _RETRIED or attempt == self.config.retries:
+                    raise _error_for(error, self.config.address, method) from error
+                logger.warning(
+                    "teacher node %s: %s %s (attempt %d of %d), retrying in %.1f s",
+                    self.config.address,
+                    method,
+                    error.code().name,
+                    attempt + 1,
+                    self.config.retries + 1,
+                    delay,
+                )
+                self._sleep(delay)
+                delay = min(self.config.max_backoff_s, delay * 2)
+        raise AssertionError("unreachable")

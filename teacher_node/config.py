@@ -1,0 +1,163 @@
+"""TeacherNodeConfig: the ``teacher.toml`` of one organization, validated before serving."""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cdfkd.protos.codec import WIRE_DTYPES
+from cdfkd.teacher_node.errors import TeacherConfigError
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class Output(enum.StrEnum):
+    """What a teacher node can return."""
+
+    LOGITS = "logits"
+    FEATURES = "features"
+    BN_LOSS = "bn_loss"
+    INPUT_GRAD = "input_grad"
+
+
+class NodeSettings(BaseModel):
+    """What is served and where."""
+
+    model_config = _FROZEN
+
+    package: Path
+    address: str = Field(default="127.0.0.1:0", description="host:port; port 0 picks one")
+    address_file: Path | None = None
+    workers: int = Field(default=8, ge=1, le=256)
+    threads: int | None = Field(default=None, ge=1, le=256)
+    drain_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeSettings:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address {self.address!r} must be HOST:PORT")
+        return self
+
+
+class TlsSettings(BaseModel):
+    """Mutual TLS (the default) or, only when asked for, plaintext."""
+
+    model_config = _FROZEN
+
+    insecure: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsSettings:
+        missing = [k for k in ("cert", "key", "client_ca") if getattr(self, k) is None]
+        if not self.insecure and missing:
+            raise ValueError(
+                f"mutual TLS needs cert, key and client_ca (missing {missing}); create them with "
+                "'cdfkd pki dev --out DIR', or set insecure = true for plaintext on a test network"
+            )
+        return self
+
+
+class Limits(BaseModel):
+    """What one request may cost the node."""
+
+    model_config = _FROZEN
+
+    max_batch: int = Field(default=512, ge=2, le=65536)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+
+
+class Choices(BaseModel):
+    """The owner's choices about what leaves the node."""
+
+    model_config = _FROZEN
+
+    allowed_outputs: tuple[Output, ...] = tuple(Output)
+    wire_dtypes: tuple[str, ...] = tuple(WIRE_DTYPES)
+
+    @model_validator(mode="after")
+    def _check(self) -> Choices:
+        unknown = [d for d in self.wire_dtypes if d not in WIRE_DTYPES]
+        if unknown or "float32" not in self.wire_dtypes:
+            raise ValueError(
+                f"wire_dtypes must include float32 and only {sorted(WIRE_DTYPES)}; got "
+                f"{list(self.wire_dtypes)}"
+            )
+        if Output.LOGITS not in self.allowed_outputs:
+            raise ValueError("allowed_outputs must include logits")
+        return self
+
+
+class TeacherNodeConfig(BaseModel):
+    """A teacher node: what it serves, its TLS, its limits and its owner's choices."""
+
+    model_config = _FROZEN
+
+    node: NodeSettings
+    tls: TlsSettings
+    limits: Limits = Limits()
+    choices: Choices = Choices()
+
+
+def _dotted(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "<root>"
+
+
+def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> TeacherNodeConfig:
+    """Validate a parsed ``teacher.toml``; relative paths resolve against ``base``.
+
+    Raises:
+        TeacherConfigError: naming every offending dotted key.
+    """
+    data = {"tls": {}, **data}
+    try:
+        config = TeacherNodeConfig.model_validate(data)
+    except ValidationError as error:
+        problems = [
+            f"unknown key '{_dotted(i['loc'])}'"
+            if i["type"] == "extra_forbidden"
+            else f"'{_dotted(i['loc'])}': {i['msg']}"
+            for i in error.errors()
+        ]
+        raise TeacherConfigError("invalid teacher config: " + "; ".join(problems)) from error
+    if base is None:
+        return config
+
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else base / path
+
+    node = config.node.model_copy(
+        update={
+            "package": resolve(config.node.package) or config.node.package,
+            "address_file": resolve(config.node.address_file) or config.node.address_file,
+        }
+    )
+    tls = config.tls.model_copy(
+        update={
+            key: resolve(getattr(config.tls, key)) or getattr(config.tls, key)
+            for key in ("cert", "key", "client_ca")
+        }
+    )
+    return config.model_copy(update={"node": node, "tls": tls})
+
+
+def load_teacher_config(path: Path) -> TeacherNodeConfig:
+    """Read and validate a ``teacher.toml``.
+
+    Raises:
+        TeacherConfigError: missing file, bad TOML or invalid keys.
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise TeacherConfigError(f"config file {path} not found") from error
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise TeacherConfigError(f"config file {path} cannot be read: {error}") from error
+    return parse_teacher_config(data, base=Path(path).resolve().parent)

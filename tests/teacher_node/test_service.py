@@ -1,0 +1,308 @@
+"""A real gRPC teacher node with mutual TLS on loopback: answers, refusals, status codes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
+from cdfkd.protos.codec import encode
+from cdfkd.student_node.errors import TeacherRefused, TeacherUnavailable
+from cdfkd.student_node.teachers.local import InProcessTeacher
+from cdfkd.student_node.teachers.remote import RemoteTeacher, open_channel
+from tests.conftest import client_config
+
+SHAPE = (1, 16, 16)
+
+
+def _stub(address: str, pki) -> tuple[grpc.Channel, teacher_pb2_grpc.TeacherServiceStub]:
+    channel = open_channel(client_config(address, pki))
+    return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
+
+
+def test_remote_answers_equal_the_in_process_engine(
+    inprocess_node, dev_pki, digits_teachers
+) -> None:
+    address = inprocess_node()
+    local = InProcessTeacher.from_package(digits_teachers.packages[0])
+    with RemoteTeacher(client_config(address, dev_pki)) as remote:
+        assert remote.info() == local.info()
+        images = torch.randn(16, *SHAPE)
+        a, b = remote.query(images), local.query(images)
+        assert torch.equal(a.logits, b.logits)
+        assert torch.equal(a.features, b.features)
+        assert torch.equal(a.bn_loss, b.bn_loss)
+        cotangent = torch.randn(16, 10)
+        assert torch.equal(
+            remote.input_grad(images, cotangent, 0.05), local.input_grad(images, cotangent, 0.05)
+        )
+
+
+def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
+    address = inprocess_node(
+        choices={"allowed_outputs": ["logits", "features"], "wire_dtypes": ["float32"]},
+        limits={"max_batch": 64},
+    )
+    with RemoteTeacher(client_config(address, dev_pki)) as remote:
+        assert list(remote.metadata.allowed_outputs) == ["logits", "features"]
+        assert remote.metadata.max_batch == 64
+        assert list(remote.metadata.wire_dtypes) == ["float32"]
+        assert remote.metadata.input_shape == list(SHAPE)
+        # Nothing about parameters or statistics is in the metadata.
+        assert set(teacher_pb2.GetMetadataResponse.DESCRIPTOR.fields_by_name) == {
+            "name",
+            "num_classes",
+            "input_shape",
+            "feature_dim",
+            "normalization_mean",
+            "normalization_std",
+            "allowed_outputs",
+            "max_batch",
+            "max_message_bytes",
+            "wire_dtypes",
+        }
+        with pytest.raises(TeacherRefused, match="does not allow 'bn_loss'"):
+            remote.query(torch.randn(4, *SHAPE))
+        with pytest.raises(TeacherRefused, match="does not allow 'input_grad'"):
+            remote.input_grad(torch.randn(4, *SHAPE), torch.randn(4, 10), 0.0)
+
+
+def test_health_service_reports_serving(inprocess_node, dev_pki) -> None:
+    address = inprocess_node()
+    channel = open_channel(client_config(address, dev_pki))
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "cdfkd.teacher.v1.TeacherService"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+def _images(batch: int = 4, dtype: str = "float32") -> teacher_pb2.Tensor:
+    return encode(torch.randn(batch, *SHAPE), dtype)
+
+
+def _tensor(dtype: str, shape: list[int], data: bytes) -> teacher_pb2.Tensor:
+    return teacher_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+NAN = encode(torch.full((4, *SHAPE), float("nan")))
+INF = encode(torch.full((4, *SHAPE), float("inf")))
+BAD_REQUESTS = [
+    ("Query", teacher_pb2.QueryRequest(), INVALID, "dtype"),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float64", [4, 1, 16, 16], b"\0" * 8192)),
+        INVALID,
+        "dtype",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("int32", [4, 1, 16, 16], b"\0" * 4096)),
+        INVALID,
+        "dtype",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 3, 16, 16], b"\0" * 12288)),
+        INVALID,
+        "shape",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16], b"\0" * 256)),
+        INVALID,
+        "shape",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16, 16, 1], b"\0" * 4096)),
+        INVALID,
+        "rank",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16, 16], b"\0" * 4095)),
+        INVALID,
+        "bytes",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16, 16], b"\0" * 4100)),
+        INVALID,
+        "bytes",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16, 16], b"")),
+        INVALID,
+        "bytes",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [0, 1, 16, 16], b"")),
+        INVALID,
+        "empty",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [-4, 1, 16, 16], b"")),
+        INVALID,
+        "negative",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, -1, 16, 16], b"")),
+        INVALID,
+        "negative",
+    ),
+    ("Query", teacher_pb2.QueryRequest(images=NAN), INVALID, "NaN"),
+    ("Query", teacher_pb2.QueryRequest(images=INF), INVALID, "NaN"),
+    ("Query", teacher_pb2.QueryRequest(images=_images(1)), INVALID, "at least 2"),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_images(), response_dtype="float64"),
+        INVALID,
+        "response_dtype",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [65, 1, 16, 16], b"\0" * 66560)),
+        EXHAUSTED,
+        "max_batch",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [2**40, 1, 16, 16], b"")),
+        EXHAUSTED,
+        "max_batch",
+    ),
+    (
+        "Query",
+        teacher_pb2.QueryRequest(images=_tensor("float32", [4, 1, 16, 16], b"\0" * 300_000)),
+        EXHAUSTED,
+        "",
+    ),
+    ("InputGrad", teacher_pb2.InputGradRequest(images=_images()), INVALID, "grad_logits"),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=_images(), grad_logits=encode(torch.ones(4, 9))),
+        INVALID,
+        "grad_logits",
+    ),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=_images(), grad_logits=encode(torch.ones(3, 10))),
+        INVALID,
+        "grad_logits",
+    ),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(
+            images=_images(), grad_logits=encode(torch.full((4, 10), float("nan")))
+        ),
+        INVALID,
+        "NaN",
+    ),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(
+            images=_images(), grad_logits=encode(torch.ones(4, 10)), bn_weight=float("nan")
+        ),
+        INVALID,
+        "bn_weight",
+    ),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(
+            images=_images(), grad_logits=encode(torch.ones(4, 10)), bn_weight=float("inf")
+        ),
+        INVALID,
+        "bn_weight",
+    ),
+    (
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=NAN, grad_logits=encode(torch.ones(4, 10))),
+        INVALID,
+        "NaN",
+    ),
+]
+
+
+def test_bad_requests_get_their_status_and_the_node_keeps_serving(
+    inprocess_node, dev_pki, digits_teachers
+) -> None:
+    address = inprocess_node(limits={"max_batch": 64, "max_message_bytes": 200_000})
+    channel, stub = _stub(address, dev_pki)
+    local = InProcessTeacher.from_package(digits_teachers.packages[0])
+    images = torch.randn(8, *SHAPE)
+    expected = local.query(images).logits
+    assert len(BAD_REQUESTS) >= 20
+    for method, request, code, match in BAD_REQUESTS:
+        with pytest.raises(grpc.RpcError) as raised:
+            getattr(stub, method)(request, timeout=10)
+        assert raised.value.code() == code, (method, request, raised.value.details())
+        assert match in (raised.value.details() or ""), raised.value.details()
+        assert "Traceback" not in (raised.value.details() or "")
+        reply = stub.Query(teacher_pb2.QueryRequest(images=encode(images)), timeout=10)
+        assert torch.equal(
+            torch.frombuffer(bytearray(reply.logits.data), dtype=torch.float32).view(8, 10),
+            expected,
+        )
+    channel.close()
+
+
+def test_unexpected_errors_are_internal_with_a_generic_message(
+    inprocess_node, dev_pki, monkeypatch, caplog
+) -> None:
+    address = inprocess_node()
+    from cdfkd.teacher_node.engine import TeacherEngine
+
+    original = TeacherEngine.query
+    calls = {"n": 0}
+
+    def flaky(self, images):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("secret internal detail")
+        return original(self, images)
+
+    monkeypatch.setattr(TeacherEngine, "query", flaky)
+    channel, stub = _stub(address, dev_pki)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Query(teacher_pb2.QueryRequest(images=_images()), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in raised.value.details()
+    assert "incident" in raised.value.details()
+    assert "secret internal detail" in caplog.text
+    stub.Query(teacher_pb2.QueryRequest(images=_images()), timeout=10)
+    channel.close()
+
+
+def test_reduced_precision_transport(inprocess_node, dev_pki, digits_teachers) -> None:
+    address = inprocess_node()
+    local = InProcessTeacher.from_package(digits_teachers.packages[0])
+    images = torch.randn(8, *SHAPE)
+    exact = local.query(images).logits
+    for dtype in ("float16", "bfloat16"):
+        with RemoteTeacher(client_config(address, dev_pki, wire_dtype=dtype)) as remote:
+            logits = remote.query(images).logits
+            assert logits.dtype == torch.float32
+            assert not torch.equal(logits, exact)
+            assert torch.allclose(logits, exact, atol=0.1, rtol=0.05)
+
+
+def test_unreachable_node_retries_then_says_what_to_do() -> None:
+    from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+
+    sleeps: list[float] = []
+    config = RemoteTeacherConfig(
+        address="127.0.0.1:1", insecure=True, deadline_s=2, retries=3, backoff_s=0.1
+    )
+    with pytest.raises(TeacherUnavailable, match="Check that the node runs") as raised:
+        RemoteTeacher(config, sleep=sleeps.append)
+    assert sleeps == [0.1, 0.2, 0.4]
+    assert raised.value.code == "UNAVAILABLE"
