@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import assert_never
 
 from torch import Tensor
 
@@ -84,3 +85,5 @@ def generator_adversarial_loss(
             )
         case Method.KD_REAL:
             raise ValueError("kd_real trains on real data and has no generator step")
+        case unknown:
+            assert_never(unknown)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, assert_never
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,8 @@ def build_student(config: TrainConfig, infos: Sequence[TeacherInfo]) -> nn.Modul
             return SimpleMultiHeaderStudent(trunk, first.num_classes, feature_dims)
         case StudentKind.SINGLE_HEAD:
             return SingleHeadStudent(trunk, first.num_classes)
+        case unknown:
+            assert_never(unknown)
 
 
 def init_state(

@@ -8,7 +8,7 @@ projection: an extension that is not in the paper, needed for heterogeneous fede
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +104,10 @@ class MFSStudent(nn.Module):
         for encoders, classifier, projection in zip(
             self.encoders, self.classifiers, self.projections, strict=True
         ):
-            encoded = encoders[0](levels[0])
+            header = cast(nn.ModuleList, encoders)
+            encoded = header[0](levels[0])
             for level in range(1, len(levels)):
-                encoded = encoders[level](torch.cat((levels[level], encoded), dim=1))
+                encoded = header[level](torch.cat((levels[level], encoded), dim=1))
             feature = encoded.mean(dim=(2, 3))
             logits.append(classifier(feature))
             features.append(projection(feature))

@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from bench.tcp_proxy import RecordingProxy
 from cdfkd.student_node.config import GeneratorConfig, StudentConfig, TrainConfig
 from cdfkd.student_node.teachers.remote import RemoteTeacher
 from cdfkd.student_node.trainer import init_state, train
 from cdfkd.teacher_node.package import load_package
 from tests.conftest import client_config
-from tests.integration.tcp_proxy import RecordingProxy
 
 WINDOW = 4  # a run of 4 consecutive values (16 bytes of float32, 8 of float16)
 

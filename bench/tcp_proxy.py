@@ -1,4 +1,7 @@
-"""A recording TCP proxy on loopback: forwards bytes both ways and keeps what the server sent."""
+"""A TCP proxy on loopback: forwards bytes both ways, counts them, can keep what the server sent.
+
+Used by bench/remote.py to measure wire bytes and by the wire-scan test to inspect them.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import threading
 class RecordingProxy:
     """Listens on 127.0.0.1:0 and forwards every connection to ``upstream`` (host, port)."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], keep: bool = True) -> None:
         self.upstream = upstream
+        self.keep = keep
         self.from_server = bytearray()
+        self.from_server_count = 0
         self.to_server = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -27,7 +32,14 @@ class RecordingProxy:
 
     @property
     def address(self) -> str:
+        """host:port to connect to instead of the upstream."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def total(self) -> int:
+        """Bytes forwarded in both directions so far."""
+        with self._lock:
+            return self.from_server_count + self.to_server
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -59,7 +71,9 @@ class RecordingProxy:
                 break
             with self._lock:
                 if from_server:
-                    self.from_server += chunk
+                    self.from_server_count += len(chunk)
+                    if self.keep:
+                        self.from_server += chunk
                 else:
                     self.to_server += len(chunk)
             try:
@@ -71,6 +85,7 @@ class RecordingProxy:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Stop forwarding and close every socket."""
         self._stop.set()
         self._listener.close()
         for sock in self._sockets:

@@ -1,0 +1,1 @@
+"""Benchmarks: each writes JSON and appends its table to bench/RESULTS.md."""
