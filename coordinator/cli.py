@@ -59,8 +59,7 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
 
 
 def _cmd_teacher_train(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
+    from cdfkd.teacher_node.config_files import validate
     from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
 
     fields = dict(
@@ -79,10 +78,7 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
     )
-    try:
-        job = TeacherJob.model_validate(fields)
-    except ValidationError as error:
-        raise ConfigError(f"invalid teacher job: {error}") from error
+    job = validate(TeacherJob, fields, "teacher job", ConfigError)
     metadata = train_teacher_package(job, Path(args.out))
     print(json.dumps({"package": str(args.out), "test_accuracy": metadata.test_accuracy}))
     return ExitCode.OK
@@ -106,6 +102,18 @@ def _cmd_pki_dev(args: argparse.Namespace) -> int:
         )
     )
     return ExitCode.OK
+
+
+def _cmd_federation_check(args: argparse.Namespace) -> int:
+    from cdfkd.coordinator.config import load_run_config
+    from cdfkd.coordinator.federation import check_federation, format_table
+
+    reports = check_federation(load_run_config(Path(args.config)), timeout_s=args.timeout)
+    print(format_table(reports))
+    failed = [r for r in reports if not r.ok]
+    for report in failed:
+        logger.error("teacher %s: %s", report.target, "; ".join(report.problems))
+    return ExitCode.FEDERATION if failed else ExitCode.OK
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -205,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="client certificate common name (repeatable; default: student)",
     )
     pki_dev.set_defaults(handler=_cmd_pki_dev)
+
+    federation = commands.add_parser("federation", help="checks across the teacher nodes")
+    federation_commands = federation.add_subparsers(dest="federation_command", required=True)
+    check = federation_commands.add_parser(
+        "check", help="reach, trust and compare every teacher of a run config (exit 3 on failure)"
+    )
+    check.add_argument("--config", required=True, help="run TOML file")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    check.set_defaults(handler=_cmd_federation_check)
 
     train = commands.add_parser("train", help="distill the teachers of a run config into a student")
     train.add_argument("--config", required=True, help="run TOML file")

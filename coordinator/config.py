@@ -7,16 +7,16 @@ dotted key; the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import enum
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from cdfkd.coordinator.errors import ConfigError
 from cdfkd.student_node.config import TrainConfig
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
 from cdfkd.teacher_node.datasets import DatasetName
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -103,40 +103,18 @@ class RunConfig(BaseModel):
     run: RunSettings = RunSettings()
 
 
-def _dotted(location: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in location) or "<root>"
-
-
 def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfig:
     """Validate a parsed TOML mapping; relative package and data paths resolve against ``base``.
 
     Raises:
-        ConfigError: naming the first offending dotted key.
+        ConfigError: naming every offending dotted key.
     """
-    try:
-        config = RunConfig.model_validate(data)
-    except ValidationError as error:
-        problems = []
-        items = error.errors()
-        nested = {item["loc"][0] for item in items if len(item["loc"]) > 1}
-        for item in items:
-            if (
-                item["type"] == "too_short"
-                and item["loc"][:1] == item["loc"]
-                and item["loc"][0] in nested
-            ):
-                continue  # a consequence of the nested error already reported
-            key = _dotted(item["loc"])
-            if item["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
-            else:
-                problems.append(f"'{key}': {item['msg']}")
-        raise ConfigError("invalid run config: " + "; ".join(problems)) from error
+    config = validate(RunConfig, data, "run config", ConfigError)
     if base is None:
         return config
 
     def resolve(path: Path | None) -> Path | None:
-        return path if path is None or path.is_absolute() else base / path
+        return resolve_path(path, base)
 
     teachers = tuple(
         entry.model_copy(update={"package": resolve(entry.package)})
@@ -156,14 +134,7 @@ def load_run_config(path: Path) -> RunConfig:
     Raises:
         ConfigError: missing file, TOML syntax error, or invalid keys.
     """
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as error:
-        raise ConfigError(f"config file {path} not found") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {path} cannot be read: {error}") from error
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    data = read_toml(path, ConfigError)
     return parse_run_config(data, base=Path(path).resolve().parent)
 
 

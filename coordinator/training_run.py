@@ -40,9 +40,11 @@ from cdfkd.student_node.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    state_payload,
+    write_checkpoint,
 )
 from cdfkd.student_node.config import Method
-from cdfkd.student_node.errors import NonFiniteLossError
+from cdfkd.student_node.errors import NonFiniteLossError, RemoteTeacherError
 from cdfkd.student_node.evaluate import (
     StudentEvaluation,
     TeacherEvaluation,
@@ -242,6 +244,8 @@ def _distill(
         load_checkpoint(found, state, fingerprint)
     else:
         save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    # The state after the last completed iteration: what a failure mid-iteration falls back to.
+    last_good = state_payload(state, fingerprint)
 
     writer = MetricsWriter(out / "metrics.jsonl")
     started = time.monotonic()
@@ -263,8 +267,12 @@ def _distill(
         )
         logger.info("eval it %d: mean of headers %.2f %%", metrics.iteration, 100 * result.mean)
 
+    def remember(state: TrainState, metrics: IterationMetrics) -> None:
+        nonlocal last_good
+        last_good = state_payload(state, fingerprint)
+
     def checkpoint_now(state: TrainState, metrics: IterationMetrics) -> None:
-        save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+        write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
 
     reporter = ProgressReporter(
         train_config.total_iterations, state.iteration, config.run.log_every
@@ -282,6 +290,7 @@ def _distill(
             train_config,
             real_images=real_images,
             callbacks=[
+                remember,
                 log_iteration,
                 _Interval(config.run.eval_every, evaluate_now),
                 _Interval(config.run.checkpoint_every, checkpoint_now),
@@ -291,9 +300,10 @@ def _distill(
             should_stop=should_stop,
             executor=executor,
         )
-    except NonFiniteLossError:
-        last = latest_checkpoint(checkpoints)
-        logger.error("training diverged; the last good checkpoint is %s", last)
+    except (NonFiniteLossError, RemoteTeacherError) as error:
+        saved = write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
+        what = "training diverged" if isinstance(error, NonFiniteLossError) else "a teacher failed"
+        logger.error("%s; the last good checkpoint is %s (resume with --resume)", what, saved)
         raise
     finally:
         reporter.close()

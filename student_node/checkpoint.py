@@ -6,6 +6,7 @@ the RNG state, the config fingerprint and the code version. Never a teacher's pa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ def config_fingerprint(config: TrainConfig) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
+@functools.cache
 def code_version() -> str:
     """The git commit of the running code, or 'unknown'."""
     try:
@@ -70,24 +72,40 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: int = 3) -> Path:
-    """Write ``state`` atomically (tmp file + ``os.replace``) and keep the last ``keep``."""
+def _cloned(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cloned(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(item) for item in value)
+    return value
+
+
+def state_payload(state: TrainState, fingerprint: str) -> dict[str, Any]:
+    """Everything a checkpoint holds, copied to CPU: a snapshot that later steps cannot change."""
+    return _cloned(
+        {
+            "format_version": FORMAT_VERSION,
+            "iteration": state.iteration,
+            "config_fingerprint": fingerprint,
+            "student": state.student.state_dict(),
+            "generator": state.generator.state_dict(),
+            "student_optimizer": state.student_optimizer.state_dict(),
+            "generator_optimizer": state.generator_optimizer.state_dict(),
+            "student_scheduler": state.student_scheduler.state_dict(),
+            "generator_scheduler": state.generator_scheduler.state_dict(),
+            "rng": state.rng.get_state(),
+        }
+    )
+
+
+def write_checkpoint(directory: Path, payload: dict[str, Any], keep: int = 3) -> Path:
+    """Write a payload atomically (tmp file, fsync, ``os.replace``); keep the last ``keep``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "iteration": state.iteration,
-        "config_fingerprint": fingerprint,
-        "code_version": code_version(),
-        "student": state.student.state_dict(),
-        "generator": state.generator.state_dict(),
-        "student_optimizer": state.student_optimizer.state_dict(),
-        "generator_optimizer": state.generator_optimizer.state_dict(),
-        "student_scheduler": state.student_scheduler.state_dict(),
-        "generator_scheduler": state.generator_scheduler.state_dict(),
-        "rng": state.rng.get_state(),
-    }
-    target = checkpoint_path(directory, state.iteration)
+    payload = {**payload, "code_version": code_version()}
+    target = checkpoint_path(directory, int(payload["iteration"]))
     temporary = target.with_suffix(".tmp")
     torch.save(payload, temporary)
     with temporary.open("rb") as handle:
@@ -96,6 +114,11 @@ def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: 
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return target
+
+
+def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: int = 3) -> Path:
+    """Write ``state`` as a checkpoint (see :func:`write_checkpoint`)."""
+    return write_checkpoint(directory, state_payload(state, fingerprint), keep)
 
 
 def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdfkd.protos.codec import WIRE_DTYPES
+from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
 from cdfkd.teacher_node.errors import TeacherConfigError
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -106,42 +106,24 @@ class TeacherNodeConfig(BaseModel):
     choices: Choices = Choices()
 
 
-def _dotted(location: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in location) or "<root>"
-
-
 def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> TeacherNodeConfig:
     """Validate a parsed ``teacher.toml``; relative paths resolve against ``base``.
 
     Raises:
         TeacherConfigError: naming every offending dotted key.
     """
-    data = {"tls": {}, **data}
-    try:
-        config = TeacherNodeConfig.model_validate(data)
-    except ValidationError as error:
-        problems = [
-            f"unknown key '{_dotted(i['loc'])}'"
-            if i["type"] == "extra_forbidden"
-            else f"'{_dotted(i['loc'])}': {i['msg']}"
-            for i in error.errors()
-        ]
-        raise TeacherConfigError("invalid teacher config: " + "; ".join(problems)) from error
+    config = validate(TeacherNodeConfig, {"tls": {}, **data}, "teacher config", TeacherConfigError)
     if base is None:
         return config
-
-    def resolve(path: Path | None) -> Path | None:
-        return None if path is None or path.is_absolute() else base / path
-
     node = config.node.model_copy(
         update={
-            "package": resolve(config.node.package) or config.node.package,
-            "address_file": resolve(config.node.address_file) or config.node.address_file,
+            "package": resolve_path(config.node.package, base),
+            "address_file": resolve_path(config.node.address_file, base),
         }
     )
     tls = config.tls.model_copy(
         update={
-            key: resolve(getattr(config.tls, key)) or getattr(config.tls, key)
+            key: resolve_path(getattr(config.tls, key), base)
             for key in ("cert", "key", "client_ca")
         }
     )
@@ -154,10 +136,5 @@ def load_teacher_config(path: Path) -> TeacherNodeConfig:
     Raises:
         TeacherConfigError: missing file, bad TOML or invalid keys.
     """
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as error:
-        raise TeacherConfigError(f"config file {path} not found") from error
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise TeacherConfigError(f"config file {path} cannot be read: {error}") from error
+    data = read_toml(path, TeacherConfigError)
     return parse_teacher_config(data, base=Path(path).resolve().parent)

@@ -23,20 +23,25 @@ def _modules_of(package: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("index", range(len(PACKAGES)))
-def test_packages_import_only_downward(index: int) -> None:
-    package = PACKAGES[index]
-    forbidden = [f"cdfkd.{p}" for p in PACKAGES[index + 1 :]]
+def _loaded_after_importing(modules: list[str]) -> list[str]:
+    """sys.modules of a fresh interpreter that imported ``modules``."""
     code = (
         "import importlib, json, sys\n"
-        f"for name in {_modules_of(package)!r}:\n"
+        f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    loaded = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("index", range(len(PACKAGES)))
+def test_packages_import_only_downward(index: int) -> None:
+    package = PACKAGES[index]
+    forbidden = [f"cdfkd.{p}" for p in PACKAGES[index + 1 :]]
+    loaded = _loaded_after_importing(_modules_of(package))
     leaked = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not leaked, f"{package} imports {leaked}"
 
@@ -52,16 +57,7 @@ def test_the_pure_core_imports_no_grpc_ray_or_flower() -> None:
         "cdfkd.student_node.models.aggregator",
         "cdfkd.teacher_node.engine",
     ]
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {core!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    loaded = json.loads(result.stdout)
+    loaded = _loaded_after_importing(core)
     for banned in ("grpc", "ray", "flwr"):
         assert not [m for m in loaded if m == banned or m.startswith(banned + ".")], banned
 

@@ -50,7 +50,10 @@ class RemoteTeacherConfig(BaseModel):
     server_name: str | None = Field(default=None, description="name to check instead of host")
     insecure: bool = False
     deadline_s: float = Field(default=60.0, gt=0.0, le=3600.0)
-    retries: int = Field(default=4, ge=0, le=100)
+    retries: int | None = Field(
+        default=None, ge=0, le=100_000, description="None: retry until outage_timeout_s"
+    )
+    outage_timeout_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
     backoff_s: float = Field(default=0.2, ge=0.0, le=60.0)
     max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0)
     wire_dtype: str = "float32"
@@ -73,6 +76,10 @@ def open_channel(config: RemoteTeacherConfig) -> grpc.Channel:
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # Reconnect soon after a node comes back (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(max(1.0, config.max_backoff_s) * 1000)),
     ]
     if config.insecure:
         return grpc.insecure_channel(config.address, options=options)
@@ -217,24 +224,44 @@ class RemoteTeacher:
             ) from error
 
     def _call(self, method: str, function: Callable[..., Reply], request: object) -> Reply:
-        """One RPC with a deadline; retries idempotent failures with exponential backoff."""
+        """One RPC with a deadline; idempotent failures are retried with exponential backoff.
+
+        Retries stop after ``retries`` attempts (if set) or once the node has been failing for
+        ``outage_timeout_s``; then :class:`TeacherUnavailable` names the node.
+        """
         delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+        first_failure: float | None = None
+        attempt = 0
+        while True:
             self.calls += 1
             try:
-                return function(request, timeout=self.config.deadline_s)
+                reply = function(request, timeout=self.config.deadline_s)
             except grpc.RpcError as error:
-                if error.code() not in _RETRIED or attempt == self.config.retries:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                attempt += 1
+                exhausted = (
+                    self.config.retries is not None and attempt > self.config.retries
+                ) or now - first_failure + delay > self.config.outage_timeout_s
+                if error.code() not in _RETRIED or exhausted:
                     raise _error_for(error, self.config.address, method) from error
                 logger.warning(
-                    "teacher node %s: %s %s (attempt %d of %d), retrying in %.1f s",
+                    "teacher node %s unavailable (%s %s, attempt %d, failing for %.0f s): "
+                    "retrying in %.1f s",
                     self.config.address,
                     method,
                     error.code().name,
-                    attempt + 1,
-                    self.config.retries + 1,
+                    attempt,
+                    now - first_failure,
                     delay,
                 )
                 self._sleep(delay)
                 delay = min(self.config.max_backoff_s, delay * 2)
-        raise AssertionError("unreachable")
+                continue
+            if first_failure is not None:
+                logger.warning(
+                    "teacher node %s is back after %.0f s",
+                    self.config.address,
+                    time.monotonic() - first_failure,
+                )
+            return reply

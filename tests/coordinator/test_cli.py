@@ -167,6 +167,11 @@ def test_diverging_run_stops_with_a_clear_error_and_a_good_checkpoint(
     assert all(
         torch.isfinite(v).all() for v in payload["student"].values() if v.is_floating_point()
     )
+    # The checkpoint is the state after the last iteration that completed.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    completed = [r["iteration"] for r in records if r["type"] == "iteration"]
+    assert payload["iteration"] == (completed[-1] if completed else 0)
+    assert f"checkpoint-{payload['iteration']:08d}.pt" in caplog.text
 
 
 @pytest.mark.integration

@@ -306,3 +306,34 @@ def test_unreachable_node_retries_then_says_what_to_do() -> None:
         RemoteTeacher(config, sleep=sleeps.append)
     assert sleeps == [0.1, 0.2, 0.4]
     assert raised.value.code == "UNAVAILABLE"
+
+
+def test_the_example_teacher_config_is_valid() -> None:
+    from pathlib import Path
+
+    from cdfkd.teacher_node.config import load_teacher_config
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "teacher.example.toml"
+    config = load_teacher_config(example)
+    assert config.node.address == "0.0.0.0:50051"
+    assert not config.tls.insecure
+    assert config.tls.client_ca == example.parent / "pki" / "ca.pem"
+
+
+def test_outage_timeout_bounds_the_retries() -> None:
+    import time
+
+    from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+
+    config = RemoteTeacherConfig(
+        address="127.0.0.1:1",
+        insecure=True,
+        deadline_s=1,
+        outage_timeout_s=1.0,
+        backoff_s=0.05,
+        max_backoff_s=0.2,
+    )
+    started = time.monotonic()
+    with pytest.raises(TeacherUnavailable, match="127.0.0.1:1"):
+        RemoteTeacher(config)
+    assert time.monotonic() - started < 5

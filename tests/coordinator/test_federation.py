@@ -1,0 +1,91 @@
+"""`cdfkd federation check` against real teacher node processes."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdfkd.coordinator.cli import main
+from cdfkd.coordinator.errors import ExitCode
+from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.package import save_package
+from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+from tests.conftest import node_toml, start_node_process
+
+
+def _entry(address: str, pki, identity) -> str:
+    return (
+        f'[[teachers]]\naddress = "{address}"\nca = "{pki.ca.cert}"\n'
+        f'cert = "{identity.client.cert}"\nkey = "{identity.client.key}"\n'
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_a_good_federation_passes(node_processes, dev_pki, tmp_path: Path, capsys) -> None:
+    trusted = dev_pki["trusted"]
+    nodes = [node_processes(i) for i in range(3)]
+    config = tmp_path / "run.toml"
+    config.write_text("".join(_entry(n.address, trusted, trusted) for n in nodes))
+    assert main(["federation", "check", "--config", str(config)]) == ExitCode.OK
+    table = capsys.readouterr().out
+    for index, node in enumerate(nodes):
+        assert node.address in table
+        assert f"owner-{index + 1}" in table
+    assert table.count(" ok") == 3
+    assert "SERVING" in table
+
+
+@pytest.mark.integration
+def test_each_failing_node_is_named_with_its_reason(
+    node_processes, dev_pki, digits_teachers, tmp_path: Path, capsys, caplog
+) -> None:
+    trusted, foreign = dev_pki["trusted"], dev_pki["foreign"]
+    good = node_processes(0)
+    tls_refused = node_processes(1)
+    other = tmp_path / "five-classes"
+    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=5)
+    torch.manual_seed(0)
+    save_package(
+        other,
+        build_classifier(spec),
+        name="five",
+        spec=spec,
+        normalization=Normalization(mean=(0.3,), std=(0.4,)),
+        feature_dim=84,
+        test_accuracy=None,
+        train_samples=None,
+    )
+    incompatible = start_node_process(node_toml(other, dev_pki, tmp_path / "n5"), tmp_path / "n5")
+    unreachable = f"127.0.0.1:{_free_port()}"
+    try:
+        config = tmp_path / "run.toml"
+        config.write_text(
+            _entry(good.address, trusted, trusted)
+            + _entry(tls_refused.address, trusted, foreign)
+            + _entry(incompatible.address, trusted, trusted)
+            + _entry(unreachable, trusted, trusted)
+        )
+        assert main(["federation", "check", "--config", str(config), "--timeout", "3"]) == (
+            ExitCode.FEDERATION
+        )
+    finally:
+        incompatible.process.terminate()
+        incompatible.process.wait(timeout=20)
+    table = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert lines[good.address].endswith("ok")
+    assert "TLS" in lines[tls_refused.address]
+    assert "incompatible label space" in lines[incompatible.address]
+    assert "incompatible normalization" in lines[incompatible.address]
+    assert "unreachable" in lines[unreachable]
+    for address in (tls_refused.address, incompatible.address, unreachable):
+        assert f"teacher {address}" in caplog.text
