@@ -14,8 +14,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tcp_proxy import RecordingProxy  # noqa: E402
+from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 from cdfkd.student_node.teachers.protocol import Teacher  # noqa: E402
@@ -71,49 +70,11 @@ def make_packages(root: Path, count: int) -> list[Path]:
     return packages
 
 
-class NodeProcess:
-    """A ``cdfkd teacher serve`` process; stopped with SIGTERM on exit."""
-
-    def __init__(self, package: Path, directory: Path, pki, insecure: bool) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        address_file = directory / "address"
-        address_file.unlink(missing_ok=True)
-        tls = (
-            "insecure = true"
-            if insecure
-            else f'cert = "{pki.server.cert}"\nkey = "{pki.server.key}"\n'
-            f'client_ca = "{pki.ca.cert}"'
-        )
-        config = directory / "teacher.toml"
-        config.write_text(
-            f'[node]\npackage = "{package}"\naddress = "127.0.0.1:0"\n'
-            f'address_file = "{address_file}"\nthreads = 1\n[tls]\n{tls}\n'
-        )
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cdfkd.coordinator.cli",
-                "-q",
-                "teacher",
-                "serve",
-                "--config",
-                str(config),
-            ],
-            stdout=subprocess.DEVNULL,
-            env={**os.environ, "CI": "true"},
-        )
-        deadline = time.monotonic() + 60
-        while not address_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"teacher node for {package} did not start")
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
-
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def start_node(package: Path, directory: Path, pki, insecure: bool) -> TeacherNodeProcess:
+    """A teacher node process with one torch thread."""
+    node = TeacherNodeProcess(package, directory, None if insecure else pki, threads=1)
+    node.start()
+    return node
 
 
 def remote_config(
@@ -177,10 +138,10 @@ def main() -> None:
     with ExitStack() as stack:
         executor = stack.enter_context(ThreadPoolExecutor(8))
         plain_nodes = [
-            NodeProcess(p, args.out / f"plain-{i}", pki, True) for i, p in enumerate(packages[:3])
+            start_node(p, args.out / f"plain-{i}", pki, True) for i, p in enumerate(packages[:3])
         ]
         tls_nodes = [
-            NodeProcess(p, args.out / f"tls-{i}", pki, False) for i, p in enumerate(packages[:3])
+            start_node(p, args.out / f"tls-{i}", pki, False) for i, p in enumerate(packages[:3])
         ]
         for node in plain_nodes + tls_nodes:
             stack.callback(node.stop)
@@ -261,7 +222,7 @@ def main() -> None:
         growth = {}
         for count in (2, 4, 8):
             nodes = [
-                NodeProcess(p, args.out / f"grow-{count}-{i}", pki, False)
+                start_node(p, args.out / f"grow-{count}-{i}", pki, False)
                 for i, p in enumerate(packages[:count])
             ]
             teachers = [RemoteTeacher(remote_config(n.address, pki, False)) for n in nodes]

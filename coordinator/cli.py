@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cdfkd.coordinator.errors import ConfigError, ExitCode
+from cdfkd.coordinator.errors import ConfigError, ExitCode, FederationCheckFailed
 
 logger = logging.getLogger("cdfkd")
 
@@ -123,10 +123,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_run_config(Path(args.config))
     out = Path(args.out) if args.out else Path(args.config).resolve().parent / "run"
     with _stop_on_sigint() as stop:
-        result = run_training(config, out, resume=args.resume, stop_event=stop)
-    print(json.dumps(result.summary()))
+        if args.in_process:
+            summary = run_training(config, out, resume=args.resume, stop_event=stop).summary()
+        else:
+            from cdfkd.coordinator.ray_driver import train_on_ray
+
+            summary = train_on_ray(
+                config, out, resume=args.resume, ray_address=args.ray_address, stop_event=stop
+            )
+    print(json.dumps(summary))
     if stop.is_set():
-        logger.warning("interrupted at iteration %d; resume with --resume", result.iterations)
+        logger.warning("interrupted at iteration %d; resume with --resume", summary["iterations"])
         return ExitCode.INTERRUPTED
     return ExitCode.OK
 
@@ -227,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="run TOML file")
     train.add_argument("--out", help="output folder (default: 'run' beside the config)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--ray-address",
+        help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)",
+    )
+    train.add_argument(
+        "--in-process", action="store_true", help="train in this process, without Ray (debugging)"
+    )
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser(
@@ -244,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (teachers are cached there)")
     demo.add_argument("--quick", action="store_true", help="a shorter run (about 5 min on 2 cores)")
     demo.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
+    demo.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        choices=["fashion_mnist", "digits"],
+        help="digits: scikit-learn's 8x8 digits, a fast smoke run",
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -256,7 +276,7 @@ def _exit_code_for(error: BaseException) -> ExitCode:
         error, ConfigError | DatasetError | PackageError | CheckpointError | InvalidInput
     ):
         return ExitCode.USAGE
-    if isinstance(error, IncompatibleTeachers):
+    if isinstance(error, IncompatibleTeachers | FederationCheckFailed):
         return ExitCode.FEDERATION
     return ExitCode.FAILURE
 

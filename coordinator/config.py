@@ -90,6 +90,9 @@ class RunSettings(BaseModel):
     log_every: int = Field(default=10, ge=1)
     max_seconds: float | None = Field(default=None, gt=0)
     threads: int | None = Field(default=None, ge=1, le=1024)
+    cpus: float = Field(default=2.0, gt=0.0, le=1024.0, description="Ray worker CPUs")
+    gpus: float = Field(default=0.0, ge=0.0, le=64.0, description="Ray worker GPUs")
+    max_restarts: int = Field(default=2, ge=0, le=100, description="Ray worker restarts")
 
 
 class RunConfig(BaseModel):

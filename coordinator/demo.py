@@ -1,9 +1,12 @@
-"""``cdfkd demo``: the main job end to end on one machine.
+"""``cdfkd demo``: the whole system end to end on one machine.
 
-Three owners each train a LeNet-5-BN teacher on a disjoint third of Fashion-MNIST (cached
-under ``DIR/teachers``), CDFKD-MFS distills them into one multi-header student, attention is
-trained on k = 60 real samples, and ``DIR/summary.json`` plus the report are written. Until
-the gRPC and Ray issues land, the teachers run in-process.
+1. A development PKI (``DIR/pki``); three owners' LeNet-5-BN teachers trained on disjoint
+   thirds of the data (cached under ``DIR/teachers``).
+2. Three teacher nodes as separate processes with mutual TLS on loopback (``DIR/nodes``).
+3. ``federation check`` over them; then CDFKD-MFS as a Ray job on an embedded local Ray, the
+   attention on k = 60 real samples, evaluation, ``DIR/summary.json`` and the report.
+
+Every process started here is stopped on the way out, also on error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,22 +15,24 @@ import json
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cdfkd.coordinator.config import PackageTeacher, RunConfig, RunSettings
-from cdfkd.coordinator.training_run import CHECKPOINT_DIR, run_training
+from cdfkd.coordinator.config import RunConfig, RunSettings
+from cdfkd.coordinator.errors import FederationCheckFailed
+from cdfkd.coordinator.federation import check_federation, format_table
+from cdfkd.coordinator.nodes import TeacherNodeProcess
+from cdfkd.coordinator.ray_driver import train_on_ray
+from cdfkd.coordinator.training_run import CHECKPOINT_DIR
 from cdfkd.student_node.checkpoint import latest_checkpoint
-from cdfkd.student_node.config import (
-    GeneratorConfig,
-    Method,
-    OptimizerConfig,
-    TrainConfig,
-)
+from cdfkd.student_node.config import GeneratorConfig, Method, OptimizerConfig, TrainConfig
 from cdfkd.student_node.models.aggregator import AttentionConfig
-from cdfkd.teacher_node.datasets import FASHION_MNIST_DIR, DatasetName, Split, load_fashion_mnist
+from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset
 from cdfkd.teacher_node.errors import PackageError
 from cdfkd.teacher_node.package import read_metadata
+from cdfkd.teacher_node.pki import DevPki, Identity, create_dev_pki
 from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
 
 logger = logging.getLogger(__name__)
@@ -38,27 +43,28 @@ ATTENTION_SAMPLES = 60
 
 def demo_train_config(quick: bool) -> TrainConfig:
     """The tuned CDFKD-MFS settings of the demo (bench/RESULTS.md records why)."""
-    epochs = 6 if quick else 24
+    epochs = 5 if quick else 24
     return TrainConfig(
         method=Method.CDFKD_MFS,
         batch_size=128,
         epochs=epochs,
         iterations_per_epoch=25,
-        optimizer=OptimizerConfig(milestones=(epochs * 2 // 3,)),
+        optimizer=OptimizerConfig(milestones=(max(1, epochs * 2 // 3),)),
         generator=GeneratorConfig(latent_dim=256, width=8),
         attention=AttentionConfig(samples=ATTENTION_SAMPLES),
     )
 
 
-def _teacher_jobs(quick: bool, data_path: Path | None) -> list[TeacherJob]:
+def _teacher_jobs(quick: bool, dataset: DatasetName, data_path: Path | None) -> list[TeacherJob]:
     return [
         TeacherJob(
             name=f"owner-{index + 1}",
-            dataset=DatasetName.FASHION_MNIST,
+            dataset=dataset,
             data_path=data_path,
             shard=index,
             num_shards=NUM_OWNERS,
-            epochs=5 if quick else 8,
+            epochs=(4 if quick else 8) if dataset is DatasetName.FASHION_MNIST else 15,
+            batch_size=128 if dataset is DatasetName.FASHION_MNIST else 32,
             seed=index,
         )
         for index in range(NUM_OWNERS)
@@ -66,10 +72,11 @@ def _teacher_jobs(quick: bool, data_path: Path | None) -> list[TeacherJob]:
 
 
 def _ensure_teacher(job: TeacherJob, directory: Path) -> None:
-    """Reuse a cached package made for the same owner; otherwise (re)train it."""
+    """Reuse a cached package made for the same owner and data; otherwise (re)train it."""
     try:
         metadata = read_metadata(directory)
-        if metadata.name == job.name and metadata.spec.architecture == job.architecture:
+        dataset = load_dataset(job.dataset, Split.TEST, job.data_path)
+        if metadata.name == job.name and metadata.spec.input_shape == dataset.input_shape:
             logger.info("reusing teacher package %s", directory)
             return
     except PackageError:
@@ -77,46 +84,89 @@ def _ensure_teacher(job: TeacherJob, directory: Path) -> None:
     train_teacher_package(job, directory)
 
 
+def _dev_pki(directory: Path) -> DevPki:
+    """The demo's development PKI, created once."""
+    names = ("ca", "server", "client")
+    if all((directory / f"{n}.pem").exists() and (directory / f"{n}.key").exists() for n in names):
+        return DevPki(*(Identity(directory / f"{n}.pem", directory / f"{n}.key") for n in names))
+    return create_dev_pki(directory)
+
+
 def run_demo(
     out: Path,
     quick: bool = False,
     stop_event: threading.Event | None = None,
     data_path: Path | None = None,
+    dataset: DatasetName = DatasetName.FASHION_MNIST,
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary (also written to ``out/summary.json``).
 
-    Running it again reuses the teachers and, when the run finished, its checkpoint.
+    Running it again reuses the PKI, the teachers and, when the run finished, its checkpoint.
+
+    Raises:
+        DatasetError: the dataset is not installed (exit code 2).
+        FederationCheckFailed: a teacher node is unreachable or incompatible (exit code 3).
     """
-    out = Path(out)
+    out = Path(out).resolve()
     started = time.monotonic()
-    load_fashion_mnist(Split.TEST, data_path or FASHION_MNIST_DIR)  # fail early, exit code 2
+    load_dataset(dataset, Split.TEST, data_path)  # fail early, exit code 2
+    pki = _dev_pki(out / "pki")
     packages = []
-    for job in _teacher_jobs(quick, data_path):
+    for job in _teacher_jobs(quick, dataset, data_path):
         directory = out / "teachers" / job.name
         _ensure_teacher(job, directory)
-        packages.append(PackageTeacher(package=directory.resolve()))
+        packages.append(directory)
     teacher_seconds = time.monotonic() - started
-    config = RunConfig(
-        data={"dataset": DatasetName.FASHION_MNIST, "path": data_path},
-        teachers=tuple(packages),
-        train=demo_train_config(quick),
-        run=RunSettings(checkpoint_every=25, eval_every=25, log_every=10),
-    )
-    resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
-    result = run_training(config, out, resume=resume, stop_event=stop_event)
+
+    with ExitStack() as nodes:
+        addresses = [
+            nodes.enter_context(
+                TeacherNodeProcess(package, out / "nodes" / package.name, pki, threads=1)
+            ).address
+            for package in packages
+        ]
+        logger.info("teacher nodes listening on %s", ", ".join(addresses))
+        config = RunConfig(
+            data={"dataset": dataset, "path": data_path},
+            teachers=tuple(
+                RemoteTeacherConfig(
+                    address=address, ca=pki.ca.cert, cert=pki.client.cert, key=pki.client.key
+                )
+                for address in addresses
+            ),
+            train=demo_train_config(quick),
+            run=RunSettings(checkpoint_every=25, eval_every=25, log_every=10, cpus=2, threads=2),
+        )
+        reports = check_federation(config)
+        logger.info("federation check:\n%s", format_table(reports))
+        failed = [r for r in reports if not r.ok]
+        if failed:
+            raise FederationCheckFailed(
+                "federation check failed: "
+                + "; ".join(f"{r.target}: {', '.join(r.problems)}" for r in failed)
+            )
+        resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
+        result = train_on_ray(config, out, resume=resume, stop_event=stop_event)
     summary = {
-        **result.summary(),
+        **result,
         "quick": quick,
+        "dataset": dataset.value,
+        "teacher_nodes": addresses,
+        "teacher_packages": [str(p) for p in packages],
         "teacher_seconds": round(teacher_seconds, 2),
         "total_seconds": round(time.monotonic() - started, 2),
         "report": str(out / "report.md"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
-        "demo done: student %.2f %% (mean), %s (attention); teachers %s; report %s",
-        100 * result.student.mean,
-        "n/a" if result.student.attention is None else f"{100 * result.student.attention:.2f} %",
-        [round(100 * a, 2) for a in result.teachers.teachers],
+        "demo done in %.0f s: student %.2f %% (mean of headers), attention %s; teachers %s; "
+        "report %s",
+        summary["total_seconds"],
+        100 * result["student_accuracy_mean"],
+        "n/a"
+        if result["student_accuracy_attention"] is None
+        else f"{100 * result['student_accuracy_attention']:.2f} %",
+        [round(100 * a, 2) for a in result["teacher_accuracies"]],
         out / "report.md",
     )
     return summary

@@ -24,3 +24,7 @@ class ConfigError(CdfkdError):
 
 class RunInterrupted(CdfkdError):
     """The run was interrupted by the user after writing a checkpoint (exit code 130)."""
+
+
+class FederationCheckFailed(CdfkdError):
+    """A teacher node is unreachable, untrusted or incompatible (exit code 3)."""

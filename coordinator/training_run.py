@@ -94,6 +94,7 @@ class RunResult:
     student: StudentEvaluation
     student_parameters: int
     attention_samples: int
+    teacher_traffic: list[dict[str, Any]]
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written to ``result.json`` (and extended by the demo)."""
@@ -111,6 +112,9 @@ class RunResult:
             "student_accuracy_attention": self.student.attention,
             "student_parameters": self.student_parameters,
             "attention_samples": self.attention_samples,
+            "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
+            "wire_bytes": sum(t["bytes_sent"] + t["bytes_received"] for t in self.teacher_traffic),
+            "teacher_traffic": self.teacher_traffic,
         }
 
 
@@ -157,6 +161,24 @@ class _Interval:
             self.action(state, metrics)
 
 
+def prepare_output(out: Path, resume: bool) -> Path | None:
+    """Create ``out``; return its latest checkpoint when resuming.
+
+    Raises:
+        ConfigError: ``out`` holds checkpoints but ``resume`` is False (nothing is overwritten).
+    """
+    checkpoints = Path(out) / CHECKPOINT_DIR
+    found = latest_checkpoint(checkpoints)
+    if found is not None and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints: pass --resume, or choose another --out"
+        )
+    if resume and found is None:
+        logger.warning("--resume given but %s holds no checkpoint: starting fresh", checkpoints)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return found if resume else None
+
+
 def run_training(
     config: RunConfig,
     out: Path,
@@ -165,6 +187,7 @@ def run_training(
     stop_event: threading.Event | None = None,
     teachers: list[Teacher] | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    show_progress: bool = True,
 ) -> RunResult:
     """Distill the run's teachers into a student; write every output into ``out``.
 
@@ -174,7 +197,8 @@ def run_training(
         resume: Continue from the latest checkpoint in ``out/checkpoints``.
         stop_event: Set it to stop after the current iteration (Ctrl-C); a checkpoint is written.
         teachers: Teachers to use instead of loading the packages of ``config`` (tests).
-        callbacks: Extra per-iteration callbacks (benchmarks).
+        callbacks: Extra per-iteration callbacks (benchmarks, the Ray driver's queue).
+        show_progress: Log a line per interval and show a bar on a terminal.
 
     Raises:
         ConfigError: a folder with checkpoints but no ``resume``, or data that do not fit.
@@ -184,15 +208,7 @@ def run_training(
     device = resolve_device(config.run.device)
     if config.run.threads is not None:
         torch.set_num_threads(config.run.threads)
-    checkpoints = out / CHECKPOINT_DIR
-    found = latest_checkpoint(checkpoints)
-    if found is not None and not resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints: pass --resume, or choose another --out"
-        )
-    if resume and found is None:
-        logger.warning("--resume given but %s holds no checkpoint: starting fresh", checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
+    found = prepare_output(out, resume)
     (out / "config.json").write_text(dump_run_config(config) + "\n")
 
     owned = teachers is None
@@ -202,7 +218,7 @@ def run_training(
     executor = ThreadPoolExecutor(len(teachers), "teacher-fan-out") if remote else None
     try:
         return _distill(
-            config, out, device, teachers, executor, resume, found, stop_event, callbacks
+            config, out, device, teachers, executor, found, stop_event, callbacks, show_progress
         )
     finally:
         if executor is not None:
@@ -217,10 +233,10 @@ def _distill(
     device: torch.device,
     teachers: list[Teacher],
     executor: Executor | None,
-    resume: bool,
     found: Path | None,
     stop_event: threading.Event | None,
     extra_callbacks: Sequence[TrainCallback],
+    show_progress: bool,
 ) -> RunResult:
     checkpoints = out / CHECKPOINT_DIR
     infos = [teacher.info() for teacher in teachers]
@@ -240,7 +256,7 @@ def _distill(
 
     state = init_state(train_config, infos, device)
     fingerprint = config_fingerprint(train_config)
-    if resume and found is not None:
+    if found is not None:
         load_checkpoint(found, state, fingerprint)
     else:
         save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
@@ -274,8 +290,10 @@ def _distill(
     def checkpoint_now(state: TrainState, metrics: IterationMetrics) -> None:
         write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
 
-    reporter = ProgressReporter(
-        train_config.total_iterations, state.iteration, config.run.log_every
+    reporter = (
+        ProgressReporter(train_config.total_iterations, state.iteration, config.run.log_every)
+        if show_progress
+        else None
     )
 
     def should_stop() -> bool:
@@ -294,7 +312,7 @@ def _distill(
                 log_iteration,
                 _Interval(config.run.eval_every, evaluate_now),
                 _Interval(config.run.checkpoint_every, checkpoint_now),
-                reporter,
+                *([reporter] if reporter is not None else []),
                 *extra_callbacks,
             ],
             should_stop=should_stop,
@@ -306,7 +324,8 @@ def _distill(
         logger.error("%s; the last good checkpoint is %s (resume with --resume)", what, saved)
         raise
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
     train_seconds = elapsed()
     save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
@@ -337,6 +356,16 @@ def _distill(
         student=student_result,
         student_parameters=sum(p.numel() for p in state.student.parameters()),
         attention_samples=train_config.attention.samples,
+        teacher_traffic=[
+            {
+                "address": t.config.address,
+                "rpc_calls": t.calls,
+                "bytes_sent": t.bytes_sent,
+                "bytes_received": t.bytes_received,
+            }
+            for t in teachers
+            if isinstance(t, RemoteTeacher)
+        ],
     )
     _write_outputs(out, state, normalization, result, train_config.generator.latent_dim)
     return result

@@ -12,7 +12,8 @@ from cdfkd.student_node.models.aggregator import AttentionAggregator
 from cdfkd.student_node.teachers.protocol import Teacher
 from cdfkd.teacher_node.metrics import accuracy, batched
 
-EVAL_BATCH_SIZE = 1000
+#: Below a teacher node's default max_batch (512), so remote teachers answer evaluation batches.
+EVAL_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True)

@@ -162,97 +162,24 @@ def inprocess_node(digits_teachers, dev_pki, tmp_path: Path):
         server.stop(grace=None).wait()
 
 
-@dataclass
-class NodeProcess:
-    """A teacher node started through the CLI as a separate process."""
-
-    process: object
-    address: str
-    config_path: Path
-
-
-def start_node_process(config_toml: str, directory: Path, timeout: float = 60.0) -> NodeProcess:
-    """Run ``cdfkd teacher serve`` on ``config_toml`` and wait for its address file."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = directory / "teacher.toml"
-    address_file = directory / "address"
-    address_file.unlink(missing_ok=True)
-    config_path.write_text(config_toml)
-    env = {**os.environ, "CI": "true"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cdfkd.coordinator.cli",
-            "teacher",
-            "serve",
-            "--config",
-            str(config_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if address_file.exists():
-            return NodeProcess(process, address_file.read_text().strip(), config_path)
-        if process.poll() is not None:
-            raise RuntimeError(f"teacher node exited: {process.stderr.read()}")
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("teacher node did not start in time")
-
-
-def node_toml(
-    package: Path, pki, directory: Path, *, insecure: bool = False, threads: int = 2
-) -> str:
-    """The teacher.toml text for a node process."""
-    lines = [
-        "[node]",
-        f'package = "{package}"',
-        'address = "127.0.0.1:0"',
-        f'address_file = "{directory / "address"}"',
-        f"threads = {threads}",
-        "drain_seconds = 5",
-        "[tls]",
-    ]
-    if insecure:
-        lines.append("insecure = true")
-    else:
-        lines += [
-            f'cert = "{pki["trusted"].server.cert}"',
-            f'key = "{pki["trusted"].server.key}"',
-            f'client_ca = "{pki["trusted"].ca.cert}"',
-        ]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture
 def node_processes(digits_teachers, dev_pki, tmp_path: Path):
     """Start teacher node processes through the CLI; all are stopped (SIGTERM, then kill) after."""
-    started: list[NodeProcess] = []
+    from cdfkd.coordinator.nodes import TeacherNodeProcess
 
-    def start(index: int = 0, insecure: bool = False) -> NodeProcess:
-        directory = tmp_path / f"node-{len(started)}"
-        text = node_toml(digits_teachers.packages[index], dev_pki, directory, insecure=insecure)
-        node = start_node_process(text, directory)
+    started: list[TeacherNodeProcess] = []
+
+    def start(index: int = 0, insecure: bool = False) -> TeacherNodeProcess:
+        node = TeacherNodeProcess(
+            digits_teachers.packages[index],
+            tmp_path / f"node-{len(started)}",
+            None if insecure else dev_pki["trusted"],
+            threads=2,
+        )
         started.append(node)
+        node.start()
         return node
 
     yield start
     for node in started:
-        process = node.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except Exception:  # noqa: BLE001
-                process.kill()
-                process.wait(timeout=15)
+        node.stop()

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 Reply = TypeVar("Reply")
 
 _RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_GRPC_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
 
 
 class RemoteTeacherConfig(BaseModel):
@@ -152,6 +153,10 @@ class RemoteTeacher:
         self._stub = teacher_pb2_grpc.TeacherServiceStub(self._channel)
         self._sleep = sleep
         self.calls = 0
+        #: Serialized protobuf bytes sent and received, each message with gRPC's 5-byte prefix
+        #: (HTTP/2 framing and TLS records come on top; bench/remote.py measures them).
+        self.bytes_sent = 0
+        self.bytes_received = 0
         metadata = self._call(
             "GetMetadata", self._stub.GetMetadata, teacher_pb2.GetMetadataRequest()
         )
@@ -234,6 +239,7 @@ class RemoteTeacher:
         attempt = 0
         while True:
             self.calls += 1
+            self.bytes_sent += request.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             try:
                 reply = function(request, timeout=self.config.deadline_s)
             except grpc.RpcError as error:
@@ -264,4 +270,5 @@ class RemoteTeacher:
                     self.config.address,
                     time.monotonic() - first_failure,
                 )
+            self.bytes_received += reply.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             return reply

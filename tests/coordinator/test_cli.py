@@ -97,7 +97,7 @@ def test_train_writes_every_output_then_resume_and_evaluate(
 ) -> None:
     config = write_run_config(tmp_path / "run.toml", digits_teachers.packages)
     out = tmp_path / "out"
-    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert main(["train", "--in-process", "--config", str(config), "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["iterations"] == 6
     for name in (
@@ -123,15 +123,23 @@ def test_train_writes_every_output_then_resume_and_evaluate(
     assert "attention" in report
 
     # Same folder without --resume: refused, nothing overwritten.
-    assert main(["train", "--config", str(config), "--out", str(out)]) == ExitCode.USAGE
+    assert (
+        main(["train", "--in-process", "--config", str(config), "--out", str(out)])
+        == ExitCode.USAGE
+    )
     # Longer run resumes from iteration 6.
     longer = write_run_config(tmp_path / "longer.toml", digits_teachers.packages, epochs=3)
     capsys.readouterr()
-    assert main(["train", "--config", str(longer), "--out", str(out), "--resume"]) == 0
+    assert (
+        main(["train", "--in-process", "--config", str(longer), "--out", str(out), "--resume"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["iterations"] == 9
     # Math change on resume: refused.
     other = write_run_config(tmp_path / "other.toml", digits_teachers.packages, batch_size=16)
-    assert main(["train", "--config", str(other), "--out", str(out), "--resume"]) == ExitCode.USAGE
+    assert (
+        main(["train", "--in-process", "--config", str(other), "--out", str(out), "--resume"])
+        == ExitCode.USAGE
+    )
 
     assert main(["evaluate", "--run", str(out)]) == 0
     evaluation = json.loads(capsys.readouterr().out)
@@ -156,7 +164,10 @@ def test_diverging_run_stops_with_a_clear_error_and_a_good_checkpoint(
     )
     config.write_text(text)
     out = tmp_path / "out"
-    assert main(["train", "--config", str(config), "--out", str(out)]) == ExitCode.FAILURE
+    assert (
+        main(["train", "--in-process", "--config", str(config), "--out", str(out)])
+        == ExitCode.FAILURE
+    )
     assert "not finite" in caplog.text
     assert "last good checkpoint" in caplog.text
     import torch

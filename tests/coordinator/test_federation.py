@@ -10,10 +10,10 @@ import torch
 
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.errors import ExitCode
+from cdfkd.coordinator.nodes import TeacherNodeProcess
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.package import save_package
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
-from tests.conftest import node_toml, start_node_process
 
 
 def _entry(address: str, pki, identity) -> str:
@@ -64,7 +64,8 @@ def test_each_failing_node_is_named_with_its_reason(
         test_accuracy=None,
         train_samples=None,
     )
-    incompatible = start_node_process(node_toml(other, dev_pki, tmp_path / "n5"), tmp_path / "n5")
+    incompatible = TeacherNodeProcess(other, tmp_path / "n5", trusted)
+    incompatible.start()
     unreachable = f"127.0.0.1:{_free_port()}"
     try:
         config = tmp_path / "run.toml"
@@ -78,8 +79,7 @@ def test_each_failing_node_is_named_with_its_reason(
             ExitCode.FEDERATION
         )
     finally:
-        incompatible.process.terminate()
-        incompatible.process.wait(timeout=20)
+        incompatible.stop()
     table = capsys.readouterr().out
     lines = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert lines[good.address].endswith("ok")

@@ -64,8 +64,9 @@ def test_sigterm_drains_and_exits_0(node_processes, dev_pki) -> None:
         remote.query(torch.randn(4, 1, 16, 16))
     node.process.send_signal(signal.SIGTERM)
     assert node.process.wait(timeout=30) == 0
-    out = node.process.stdout.read()
-    assert out.splitlines()[0] == f"listening on {node.address}"
+    log = node.log_path.read_text()
+    assert log.splitlines()[0] == f"listening on {node.address}"
+    assert "teacher node stopped" in log
 
 
 @pytest.mark.integration

@@ -1,4 +1,4 @@
-"""`cdfkd train` with teachers given by address: real node processes over mutual TLS."""
+"""`cdfkd train` with teachers given by address: real node processes over mutual TLS, on Ray."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_an_untrusted_identity_fails_naming_the_node(
     )
     config.write_text(text)
     # A TLS refusal looks like an unreachable node to gRPC: exit 1 with a message naming it.
-    assert main(["train", "--config", str(config), "--out", str(tmp_path / "out")]) == 1
+    assert (
+        main(["train", "--in-process", "--config", str(config), "--out", str(tmp_path / "out")])
+        == 1
+    )
     assert f"teacher node {node.address}" in caplog.text
     assert "certificate is trusted" in caplog.text

@@ -1,0 +1,170 @@
+"""The Ray driver: the student and generator train in a Ray actor; the only ``import ray``.
+
+Without an address the driver starts an embedded local Ray bound to 127.0.0.1 (no dashboard)
+and shuts it down at the end; with ``--ray-address`` (or ``RAY_ADDRESS``) it joins an existing
+cluster. The actor builds its own gRPC channels from the run config (channels do not pickle),
+streams every iteration's metrics back through a Ray queue, and is restarted by Ray if its
+process dies: the retried run resumes from the latest checkpoint, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from cdfkd.coordinator.config import RunConfig
+from cdfkd.coordinator.progress import ProgressReporter
+from cdfkd.coordinator.training_run import CHECKPOINT_DIR, prepare_output, run_training
+from cdfkd.student_node.checkpoint import latest_checkpoint
+from cdfkd.student_node.trainer import IterationMetrics, TrainState
+
+logger = logging.getLogger(__name__)
+
+#: Ray's own logs stay quiet unless something is wrong.
+RAY_LOGGING_LEVEL = logging.WARNING
+
+
+def connect(address: str | None, num_cpus: float | None = None) -> bool:
+    """Connect to Ray; returns True when this call started an embedded local Ray (to shut down).
+
+    Args:
+        address: A cluster address ("auto", "127.0.0.1:6379", "ray://..."); None uses
+            ``RAY_ADDRESS`` if set, otherwise starts a local Ray on 127.0.0.1.
+        num_cpus: CPUs of the embedded Ray (default: all).
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=RAY_LOGGING_LEVEL, log_to_driver=True)
+        logger.info("joined the Ray cluster at %s", address)
+        return False
+    started = time.monotonic()
+    ray.init(
+        num_cpus=None if num_cpus is None else int(max(1, num_cpus)),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=RAY_LOGGING_LEVEL,
+        log_to_driver=True,
+        configure_logging=True,
+        namespace="cdfkd",
+    )
+    logger.info("started an embedded local Ray in %.1f s", time.monotonic() - started)
+    return True
+
+
+class _QueueReporter:
+    """Worker-side callback: every iteration's metrics go to the driver's queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def __call__(self, state: TrainState, metrics: IterationMetrics) -> None:
+        self.queue.put(metrics)
+
+
+@ray.remote
+class TrainingWorker:
+    """Runs :func:`run_training` in a Ray worker process."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+
+    def run(self, config_json: str, out: str, resume: bool, queue: Queue) -> dict[str, Any]:
+        """Train; a retried call (after a restart) resumes from the latest checkpoint."""
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        config = RunConfig.model_validate_json(config_json)
+        directory = Path(out)
+        resume = resume or latest_checkpoint(directory / CHECKPOINT_DIR) is not None
+        result = run_training(
+            config,
+            directory,
+            resume=resume,
+            stop_event=self._stop,
+            callbacks=[_QueueReporter(queue)],
+            show_progress=False,
+        )
+        return result.summary()
+
+    def request_stop(self) -> None:
+        """Finish the current iteration, checkpoint, and return."""
+        self._stop.set()
+
+    def pid(self) -> int:
+        """The worker's process id (fault-injection tests)."""
+        return os.getpid()
+
+
+def train_on_ray(
+    config: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    ray_address: str | None = None,
+    stop_event: threading.Event | None = None,
+    on_worker: Any = None,
+) -> dict[str, Any]:
+    """Run the distillation in a Ray actor and stream its progress here.
+
+    Args:
+        config: The validated run config.
+        out: Output folder; on a multi-node cluster it must be on storage the worker sees.
+        resume: Continue from the latest checkpoint.
+        ray_address: Existing cluster; None starts (and stops) an embedded local Ray.
+        stop_event: Set it (Ctrl-C) to stop after the current iteration, with a checkpoint.
+        on_worker: Called with the actor handle once it runs (tests inject faults this way).
+
+    Returns:
+        The run summary (as ``result.json``).
+    """
+    out = Path(out).resolve()
+    prepare_output(out, resume)
+    owned = connect(ray_address, config.run.cpus)
+    try:
+        queue = Queue(actor_options={"num_cpus": 0})
+        worker = TrainingWorker.options(  # type: ignore[attr-defined]
+            num_cpus=config.run.cpus,
+            num_gpus=config.run.gpus,
+            max_restarts=config.run.max_restarts,
+            max_task_retries=config.run.max_restarts,
+            max_concurrency=2,
+        ).remote()
+        future = worker.run.remote(config.model_dump_json(), str(out), resume, queue)
+        if on_worker is not None:
+            on_worker(worker)
+        reporter = ProgressReporter(config.train.total_iterations, 0, config.run.log_every)
+        stop_sent = False
+        try:
+            while True:
+                done, _ = ray.wait([future], timeout=0.5)
+                _drain(queue, reporter)
+                if stop_event is not None and stop_event.is_set() and not stop_sent:
+                    worker.request_stop.remote()
+                    stop_sent = True
+                if done:
+                    break
+            summary = ray.get(future)
+            _drain(queue, reporter)
+        finally:
+            reporter.close()
+        ray.kill(worker)
+        return summary
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _drain(queue: Queue, reporter: ProgressReporter) -> None:
+    while True:
+        try:
+            metrics = queue.get_nowait()
+        except Empty:
+            return
+        reporter(None, metrics)  # type: ignore[arg-type]

@@ -1,0 +1,116 @@
+"""The student as a Ray actor on a real local Ray: same math, progress, worker failure, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdfkd.coordinator.config import parse_run_config
+from cdfkd.coordinator.ray_driver import train_on_ray
+from cdfkd.coordinator.training_run import run_training
+from cdfkd.student_node.artifact import STUDENT_FILE
+from cdfkd.student_node.checkpoint import list_checkpoints
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration]
+
+
+def ray_config(packages: list[Path], epochs: int = 3, **run: object):
+    return parse_run_config(
+        {
+            "data": {"dataset": "digits", "eval_samples": 200},
+            "teachers": [{"package": str(p)} for p in packages],
+            "train": {
+                "batch_size": 32,
+                "epochs": epochs,
+                "iterations_per_epoch": 3,
+                "student_steps_per_generator_step": 2,
+                "student": {"widths": [8, 16, 16]},
+                "generator": {"latent_dim": 32, "width": 8},
+                "attention": {"samples": 30, "epochs": 10},
+            },
+            "run": {
+                "device": "cpu",
+                "threads": 2,
+                "cpus": 2,
+                "checkpoint_every": 1,
+                "eval_every": 3,
+                **run,
+            },
+        }
+    )
+
+
+def student_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "student" / STUDENT_FILE))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ray_worker_computes_exactly_what_the_driver_would(digits_teachers, tmp_path: Path) -> None:
+    config = ray_config(digits_teachers.packages)
+    summary = train_on_ray(config, tmp_path / "ray")
+    assert summary["iterations"] == 9
+    run_training(config, tmp_path / "local")
+    assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))
+    records = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"type": "iteration"' in r for r in records) == 9
+
+
+def test_a_killed_worker_is_restarted_and_resumes_exactly(digits_teachers, tmp_path: Path) -> None:
+    config = ray_config(digits_teachers.packages, epochs=4)
+    killed = threading.Event()
+
+    def kill_after_a_few_iterations(worker) -> None:
+        import ray
+
+        pid = ray.get(worker.pid.remote(), timeout=120)
+
+        def watch() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                done = [p for p in list_checkpoints(tmp_path / "ray" / "checkpoints")]
+                if any(p.name >= "checkpoint-00000005.pt" for p in done):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    summary = train_on_ray(config, tmp_path / "ray", on_worker=kill_after_a_few_iterations)
+    assert killed.is_set()
+    assert summary["iterations"] == 12
+    run_training(config, tmp_path / "local")
+    assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))
+
+
+def test_stop_event_checkpoints_and_returns_early(digits_teachers, tmp_path: Path) -> None:
+    config = ray_config(digits_teachers.packages, epochs=1000)
+    stop = threading.Event()
+
+    def stop_soon(worker) -> None:
+        def later() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if len(list_checkpoints(tmp_path / "ray" / "checkpoints")) >= 2:
+                    stop.set()
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=later, daemon=True).start()
+
+    summary = train_on_ray(config, tmp_path / "ray", stop_event=stop, on_worker=stop_soon)
+    assert summary["stopped_early"]
+    assert 1 <= summary["iterations"] < 3000
+    last = list_checkpoints(tmp_path / "ray" / "checkpoints")[-1]
+    assert last.name == f"checkpoint-{summary['iterations']:08d}.pt"

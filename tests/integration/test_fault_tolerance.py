@@ -1,0 +1,203 @@
+"""Nothing is lost: a teacher node killed mid-run, a node that stays down, a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cdfkd.coordinator.cli import main
+from cdfkd.coordinator.config import parse_run_config
+from cdfkd.coordinator.nodes import TeacherNodeProcess
+from cdfkd.coordinator.ray_driver import train_on_ray
+from cdfkd.coordinator.training_run import run_training
+from cdfkd.student_node.checkpoint import list_checkpoints
+from tests.coordinator.test_ray_driver import same, student_weights
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
+
+
+def _train_section(epochs: int) -> dict:
+    return {
+        "batch_size": 32,
+        "epochs": epochs,
+        "iterations_per_epoch": 3,
+        "student_steps_per_generator_step": 2,
+        "student": {"widths": [8, 16, 16]},
+        "generator": {"latent_dim": 32, "width": 8},
+        "attention": {"samples": 30, "epochs": 10},
+    }
+
+
+def _remote_config(addresses: list[str], pki, epochs: int, **remote: object):
+    return parse_run_config(
+        {
+            "data": {"dataset": "digits", "eval_samples": 200},
+            "teachers": [
+                {
+                    "address": a,
+                    "ca": str(pki.ca.cert),
+                    "cert": str(pki.client.cert),
+                    "key": str(pki.client.key),
+                    "backoff_s": 0.1,
+                    "max_backoff_s": 0.5,
+                    **remote,
+                }
+                for a in addresses
+            ],
+            "train": _train_section(epochs),
+            "run": {
+                "device": "cpu",
+                "threads": 2,
+                "cpus": 2,
+                "checkpoint_every": 1,
+                "eval_every": 6,
+            },
+        }
+    )
+
+
+def _when_checkpoint(
+    directory: Path, at_least: int, action, timeout: float = 300
+) -> threading.Thread:
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = list_checkpoints(directory)
+            if found and int(found[-1].stem.split("-")[1]) >= at_least:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_teacher_node_killed_and_restarted_mid_run(
+    node_processes, dev_pki, digits_teachers, tmp_path: Path
+) -> None:
+    pki = dev_pki["trusted"]
+    nodes = [node_processes(i) for i in range(3)]
+    victim = nodes[1]
+    config = _remote_config([n.address for n in nodes], pki, epochs=4)
+    replacement: list[TeacherNodeProcess] = []
+
+    def kill_and_restart() -> None:
+        victim.kill()
+        time.sleep(2.0)  # the run notices: calls fail and are retried with backoff
+        node = TeacherNodeProcess(
+            digits_teachers.packages[1],
+            tmp_path / "restarted",
+            pki,
+            address=victim.address,
+            threads=2,
+        )
+        replacement.append(node)
+        node.start()
+
+    watcher = _when_checkpoint(tmp_path / "ray" / "checkpoints", 4, kill_and_restart)
+    try:
+        summary = train_on_ray(config, tmp_path / "ray")
+    finally:
+        watcher.join(timeout=30)
+        for node in replacement:
+            node.stop()
+    assert replacement, "the node was never killed"
+    assert summary["iterations"] == 12
+    assert not summary["stopped_early"]
+    # Retried calls are idempotent: the result equals an uninterrupted in-process run.
+    local = parse_run_config(
+        {
+            "data": {"dataset": "digits", "eval_samples": 200},
+            "teachers": [{"package": str(p)} for p in digits_teachers.packages],
+            "train": _train_section(4),
+            "run": {"device": "cpu", "threads": 2, "checkpoint_every": 1, "eval_every": 6},
+        }
+    )
+    run_training(local, tmp_path / "local")
+    assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))
+
+
+def test_a_node_down_past_the_timeout_checkpoints_and_names_it(
+    node_processes, dev_pki, tmp_path: Path, caplog
+) -> None:
+    pki = dev_pki["trusted"]
+    nodes = [node_processes(i) for i in range(3)]
+    config_path = tmp_path / "run.toml"
+    lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
+    for node in nodes:
+        lines.append(
+            f'[[teachers]]\naddress = "{node.address}"\nca = "{pki.ca.cert}"\n'
+            f'cert = "{pki.client.cert}"\nkey = "{pki.client.key}"\noutage_timeout_s = 3\n'
+            "backoff_s = 0.1\nmax_backoff_s = 0.5\n"
+        )
+    lines.append(
+        "[train]\nbatch_size = 32\nepochs = 100\niterations_per_epoch = 3\n"
+        "student_steps_per_generator_step = 2\n[train.student]\nwidths = [8, 16, 16]\n"
+        "[train.generator]\nlatent_dim = 32\nwidth = 8\n"
+        '[run]\ndevice = "cpu"\ncheckpoint_every = 1000\nthreads = 2\n'
+    )
+    config_path.write_text("".join(lines))
+    out = tmp_path / "out"
+    watcher = _when_checkpoint(out / "checkpoints", 0, lambda: None)
+    watcher.join()
+    killer = threading.Thread(target=lambda: (time.sleep(8), nodes[2].kill()), daemon=True)
+    killer.start()
+    code = main(["train", "--config", str(config_path), "--out", str(out)])
+    assert code == 1
+    assert nodes[2].address in caplog.text
+    saved = list_checkpoints(out / "checkpoints")[-1]
+    assert saved.name != "checkpoint-00000000.pt"  # the last completed iteration was saved
+    assert "the last good checkpoint is" in caplog.text
+
+
+def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
+    lines += [f'[[teachers]]\npackage = "{p}"\n' for p in digits_teachers.packages]
+    lines.append(
+        "[train]\nbatch_size = 32\nepochs = 5\niterations_per_epoch = 3\n"
+        "student_steps_per_generator_step = 2\n[train.student]\nwidths = [8, 16, 16]\n"
+        "[train.generator]\nlatent_dim = 32\nwidth = 8\n"
+        "[train.attention]\nsamples = 30\nepochs = 10\n"
+        '[run]\ndevice = "cpu"\ncheckpoint_every = 1\nthreads = 2\n'
+    )
+    config.write_text("".join(lines))
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "cdfkd.coordinator.cli",
+        "train",
+        "--in-process",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CI": "true"}
+    )
+    killed = threading.Event()
+    watcher = _when_checkpoint(
+        out / "checkpoints", 6, lambda: (os.kill(process.pid, signal.SIGKILL), killed.set())
+    )
+    process.communicate(timeout=300)
+    watcher.join(timeout=5)
+    assert killed.is_set()
+    assert process.returncode == -signal.SIGKILL
+    assert (
+        main(["train", "--in-process", "--config", str(config), "--out", str(out), "--resume"]) == 0
+    )
+    assert json.loads((out / "result.json").read_text())["iterations"] == 15
+    straight = tmp_path / "straight"
+    assert main(["train", "--in-process", "--config", str(config), "--out", str(straight)]) == 0
+    assert same(student_weights(out), student_weights(straight))
