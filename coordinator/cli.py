@@ -118,19 +118,26 @@ def _cmd_federation_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cdfkd.coordinator.config import load_run_config
-    from cdfkd.coordinator.training_run import run_training
+    from cdfkd.coordinator.training_run import CHECKPOINT_DIR, run_training
+    from cdfkd.student_node.checkpoint import latest_checkpoint
+    from cdfkd.student_node.errors import NonFiniteLossError, RemoteTeacherError
 
     config = load_run_config(Path(args.config))
     out = Path(args.out) if args.out else Path(args.config).resolve().parent / "run"
     with _stop_on_sigint() as stop:
-        if args.in_process:
-            summary = run_training(config, out, resume=args.resume, stop_event=stop).summary()
-        else:
-            from cdfkd.coordinator.ray_driver import train_on_ray
+        try:
+            if args.in_process:
+                summary = run_training(config, out, resume=args.resume, stop_event=stop).summary()
+            else:
+                from cdfkd.coordinator.ray_driver import train_on_ray
 
-            summary = train_on_ray(
-                config, out, resume=args.resume, ray_address=args.ray_address, stop_event=stop
-            )
+                summary = train_on_ray(
+                    config, out, resume=args.resume, ray_address=args.ray_address, stop_event=stop
+                )
+        except (NonFiniteLossError, RemoteTeacherError):
+            saved = latest_checkpoint(out / CHECKPOINT_DIR)
+            logger.error("the last good checkpoint is %s: continue with --resume", saved)
+            raise
     print(json.dumps(summary))
     if stop.is_set():
         logger.warning("interrupted at iteration %d; resume with --resume", summary["iterations"])
@@ -147,10 +154,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cdfkd.coordinator.demo import run_demo
+    from cdfkd.teacher_node.datasets import DatasetName
 
     with _stop_on_sigint() as stop:
         summary = run_demo(
-            Path(args.out), quick=args.quick, stop_event=stop, data_path=args.data_path
+            Path(args.out),
+            quick=args.quick,
+            stop_event=stop,
+            data_path=args.data_path,
+            dataset=DatasetName(args.dataset),
         )
     print(json.dumps(summary, indent=2))
     return ExitCode.INTERRUPTED if stop.is_set() else ExitCode.OK
@@ -269,15 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_code_for(error: BaseException) -> ExitCode:
-    from cdfkd.student_node.errors import CheckpointError, IncompatibleTeachers
-    from cdfkd.teacher_node.errors import DatasetError, InvalidInput, PackageError
+    from cdfkd.student_node.errors import CheckpointError, IncompatibleTeachers, TeacherRefused
+    from cdfkd.teacher_node.errors import (
+        DatasetError,
+        InvalidInput,
+        PackageError,
+        TeacherConfigError,
+    )
 
-    if isinstance(
-        error, ConfigError | DatasetError | PackageError | CheckpointError | InvalidInput
-    ):
+    usage = (
+        ConfigError,
+        TeacherConfigError,
+        DatasetError,
+        PackageError,
+        CheckpointError,
+        InvalidInput,
+    )
+    if isinstance(error, usage):
         return ExitCode.USAGE
     if isinstance(error, IncompatibleTeachers | FederationCheckFailed):
         return ExitCode.FEDERATION
+    if isinstance(error, TeacherRefused):
+        return ExitCode.REFUSED
     return ExitCode.FAILURE
 
 

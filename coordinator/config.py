@@ -112,7 +112,9 @@ def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfi
     Raises:
         ConfigError: naming every offending dotted key.
     """
-    config = validate(RunConfig, data, "run config", ConfigError)
+    config = validate(
+        RunConfig, data, "run config", ConfigError, union_tags=frozenset({"package", "remote"})
+    )
     if base is None:
         return config
 

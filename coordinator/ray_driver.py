@@ -39,6 +39,9 @@ def connect(address: str | None, num_cpus: float | None = None) -> bool:
             ``RAY_ADDRESS`` if set, otherwise starts a local Ray on 127.0.0.1.
         num_cpus: CPUs of the embedded Ray (default: all).
     """
+    # No usage statistics leave the machine; keep Ray's accelerator env-var behaviour explicit.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False

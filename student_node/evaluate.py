@@ -71,7 +71,10 @@ def evaluate_teachers(
     teachers: Sequence[Teacher], images: Tensor, labels: Tensor, batch_size: int = EVAL_BATCH_SIZE
 ) -> TeacherEvaluation:
     """Accuracy of each teacher and of their mean logits on normalized ``images``."""
-    logits = [batched(lambda x, t=t: t.query(x).logits, images, batch_size) for t in teachers]
+    logits = [
+        batched(lambda x, t=t: t.query(x, features=False, bn_loss=False).logits, images, batch_size)
+        for t in teachers
+    ]
     return TeacherEvaluation(
         teachers=[accuracy(t, labels) for t in logits],
         ensemble=accuracy(torch.stack(logits).mean(dim=0), labels),

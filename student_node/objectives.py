@@ -23,12 +23,17 @@ class StudentLoss:
     ensemble: Tensor
 
 
+def uses_teacher_features(method: Method, weights: LossWeights) -> bool:
+    """Whether the student loss of ``method`` needs the teachers' features g_i."""
+    return method in (Method.CDFKD_MFS, Method.KD_REAL) and weights.feature > 0
+
+
 def student_loss(
     method: Method,
     weights: LossWeights,
     student: StudentOutputs,
     teacher_logits: Sequence[Tensor],
-    teacher_features: Sequence[Tensor],
+    teacher_features: Sequence[Tensor] | None,
 ) -> StudentLoss:
     """L_S of METHOD.md 2 for ``method``.
 
@@ -39,11 +44,13 @@ def student_loss(
     match method:
         case Method.CDFKD_MFS | Method.KD_REAL:
             header = weights.header * losses.header_l1(student.logits, teacher_logits)
-            feature = (
-                weights.feature * losses.header_feature_l1(student.features, teacher_features)
-                if weights.feature
-                else zero
-            )
+            feature = zero
+            if uses_teacher_features(method, weights):
+                if teacher_features is None:
+                    raise ValueError(f"{method.value} with a feature weight needs teacher features")
+                feature = weights.feature * losses.header_feature_l1(
+                    student.features, teacher_features
+                )
             ensemble = weights.ensemble * losses.ensemble_l1(student.logits, teacher_logits)
         case Method.CDFKD:
             header = weights.header * losses.header_kl(student.logits, teacher_logits)

@@ -26,7 +26,11 @@ from cdfkd.student_node.models.multi_header import (
     SimpleMultiHeaderStudent,
     SingleHeadStudent,
 )
-from cdfkd.student_node.objectives import generator_adversarial_loss, student_loss
+from cdfkd.student_node.objectives import (
+    generator_adversarial_loss,
+    student_loss,
+    uses_teacher_features,
+)
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
 
 logger = logging.getLogger(__name__)
@@ -106,15 +110,18 @@ def build_student(config: TrainConfig, infos: Sequence[TeacherInfo]) -> nn.Modul
         config.student.blocks_per_stage,
     )
     feature_dims = [info.feature_dim for info in infos]
+    student: nn.Module
     match config.student_kind():
         case StudentKind.MFS:
-            return MFSStudent(trunk, first.num_classes, feature_dims)
+            student = MFSStudent(trunk, first.num_classes, feature_dims)
         case StudentKind.SIMPLE_MULTI_HEADER:
-            return SimpleMultiHeaderStudent(trunk, first.num_classes, feature_dims)
+            student = SimpleMultiHeaderStudent(trunk, first.num_classes, feature_dims)
         case StudentKind.SINGLE_HEAD:
-            return SingleHeadStudent(trunk, first.num_classes)
+            student = SingleHeadStudent(trunk, first.num_classes)
         case unknown:
             assert_never(unknown)
+    # The trunk feeds NHWC activations (see ``to_channels_last``); the weights match them.
+    return student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def init_state(
@@ -187,14 +194,17 @@ def student_step(
     Returns:
         The weighted (total, header, feature, ensemble) terms of L_S.
     """
-    answers: list[TeacherOutputs] = _fan_out(executor, lambda t: t.query(images), teachers)
+    features = uses_teacher_features(config.method, weights)
+    answers: list[TeacherOutputs] = _fan_out(
+        executor, lambda t: t.query(images, features=features, bn_loss=False), teachers
+    )
     outputs = state.student(images)
     loss = student_loss(
         config.method,
         weights,
         outputs,
         [a.logits for a in answers],
-        [a.features for a in answers],
+        [a.features for a in answers] if features else None,
     )
     _require_finite(loss.total, "student loss", state.iteration)
     state.student_optimizer.zero_grad(set_to_none=True)
@@ -222,11 +232,14 @@ def generator_step(
     leaf = images.detach().requires_grad_(True)
     frozen = leaf.detach()
     outputs = state.student(leaf)
-    answers: list[TeacherOutputs] = _fan_out(executor, lambda t: t.query(frozen), teachers)
+    bn_weight = weights.bn / len(teachers)
+    answers: list[TeacherOutputs] = _fan_out(
+        executor, lambda t: t.query(frozen, features=False, bn_loss=bn_weight != 0.0), teachers
+    )
     teacher_logits = [a.logits.detach().clone().requires_grad_(True) for a in answers]
     adversarial = generator_adversarial_loss(config.method, weights, outputs, teacher_logits)
-    bn_weight = weights.bn / len(teachers)
-    bn = bn_weight * torch.stack([a.bn_loss for a in answers]).sum()
+    priors = [a.bn_loss for a in answers if a.bn_loss is not None]
+    bn = bn_weight * torch.stack(priors).sum() if priors else adversarial.new_zeros(())
     _require_finite(adversarial + bn, "generator loss", state.iteration)
     gradients = torch.autograd.grad(adversarial, [leaf, *teacher_logits], allow_unused=True)
     grad_images = gradients[0] if gradients[0] is not None else torch.zeros_like(leaf)

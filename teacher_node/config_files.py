@@ -16,9 +16,21 @@ from cdfkd.protos.errors import CdfkdError
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def _location(location: tuple[int | str, ...], union_tags: frozenset[str]) -> tuple[int | str, ...]:
+    """Drop the tag pydantic inserts after a list index for a discriminated union member."""
+    kept: list[int | str] = []
+    for index, part in enumerate(location):
+        after_index = index > 0 and isinstance(location[index - 1], int)
+        if not (after_index and part in union_tags):
+            kept.append(part)
+    return tuple(kept)
+
+
+def describe_validation_error(
+    error: ValidationError, union_tags: frozenset[str] = frozenset()
+) -> str:
     """One line per problem, each naming its dotted key ('unknown key a.b', 'a.c': message)."""
-    items = error.errors()
+    items = [{**item, "loc": _location(item["loc"], union_tags)} for item in error.errors()]
     nested = {item["loc"][0] for item in items if len(item["loc"]) > 1}
     problems = []
     for item in items:
@@ -33,12 +45,22 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def validate(model: type[Model], data: dict[str, Any], what: str, error: type[CdfkdError]) -> Model:
-    """``model.model_validate(data)``, raising ``error`` with every offending dotted key."""
+def validate(
+    model: type[Model],
+    data: dict[str, Any],
+    what: str,
+    error: type[CdfkdError],
+    union_tags: frozenset[str] = frozenset(),
+) -> Model:
+    """``model.model_validate(data)``, raising ``error`` with every offending dotted key.
+
+    ``union_tags`` are the tags of discriminated unions in lists, left out of the key names.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as problem:
-        raise error(f"invalid {what}: {describe_validation_error(problem)}") from problem
+        details = describe_validation_error(problem, union_tags)
+        raise error(f"invalid {what}: {details}") from problem
 
 
 def read_toml(path: Path, error: type[CdfkdError]) -> dict[str, Any]:

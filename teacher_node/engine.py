@@ -37,12 +37,12 @@ class EngineOutputs(NamedTuple):
     Attributes:
         logits: ``(B, num_classes)`` t_i(x).
         features: ``(B, feature_dim)`` g_i(x).
-        bn_loss: scalar R_i(x) (0-dim tensor).
+        bn_loss: scalar R_i(x) (0-dim tensor); None when not asked for.
     """
 
     logits: Tensor
     features: Tensor
-    bn_loss: Tensor
+    bn_loss: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,14 @@ class TeacherEngine:
         """The dtype the teacher computes in."""
         return next(self._model.parameters()).dtype
 
-    def query(self, images: Tensor) -> EngineOutputs:
-        """Logits, features and R(x) for ``images`` float (B, C, H, W), without gradients."""
+    def query(self, images: Tensor, with_bn_loss: bool = True) -> EngineOutputs:
+        """Logits, features and (if asked) R(x) for ``images`` float (B, C, H, W), no gradients.
+
+        Without R(x) no hooks run: the student step needs only logits and features.
+        """
         self._check_images(images)
         with self._lock, torch.no_grad():
-            return self._forward(images)
+            return self._forward(images, with_bn_loss)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
         """The VJP d/dx [<grad_logits, t(x)> + bn_weight * R(x)].
@@ -162,14 +165,17 @@ class TeacherEngine:
         _check_finite("grad_logits", grad_logits)
         inputs = images.detach().requires_grad_(True)
         with self._lock, torch.enable_grad():
-            outputs = self._forward(inputs)
+            outputs = self._forward(inputs, with_bn_loss=bn_weight != 0.0)
             objective = (outputs.logits * grad_logits.to(outputs.logits.dtype)).sum()
-            if bn_weight != 0.0:
+            if outputs.bn_loss is not None:
                 objective = objective + bn_weight * outputs.bn_loss
             (gradient,) = torch.autograd.grad(objective, inputs)
         return gradient
 
-    def _forward(self, images: Tensor) -> EngineOutputs:
+    def _forward(self, images: Tensor, with_bn_loss: bool) -> EngineOutputs:
+        if not with_bn_loss:
+            output: ClassifierOutput = self._model(images)
+            return EngineOutputs(output.logits, output.features, None)
         stats: dict[int, tuple[Tensor, Tensor]] = {}
 
         def make_hook(index: int):  # noqa: ANN202 - closure factory
@@ -180,7 +186,7 @@ class TeacherEngine:
 
         handles = [bn.register_forward_hook(make_hook(i)) for i, bn in enumerate(self._bn_layers)]
         try:
-            output: ClassifierOutput = self._model(images)
+            output = self._model(images)
         finally:
             for handle in handles:
                 handle.remove()

@@ -112,11 +112,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._require(Output.BN_LOSS, request.want_bn_loss)
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
-        out = self._engine.query(images)
+        out = self._engine.query(images, with_bn_loss=request.want_bn_loss)
         return teacher_pb2.QueryResponse(
             logits=encode(out.logits, dtype),
             features=encode(out.features, dtype) if request.want_features else None,
-            bn_loss=float(out.bn_loss) if request.want_bn_loss else 0.0,
+            bn_loss=float(out.bn_loss) if out.bn_loss is not None else 0.0,
         )
 
     @_rpc

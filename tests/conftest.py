@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from cdfkd.teacher_node.datasets import DatasetName
 from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
 
 torch.set_num_threads(2)
+# Ray must never report usage statistics over the network from tests.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from cdfkd.student_node.models.backbones import ConvTrunk
+from cdfkd.student_node.models.backbones import ConvTrunk, to_channels_last
 
 
 class StudentOutputs(NamedTuple):
@@ -136,7 +136,7 @@ class SimpleMultiHeaderStudent(nn.Module):
 
     def forward(self, images: Tensor) -> StudentOutputs:
         """Per-header logits and (projected) features for ``images``."""
-        x = images
+        x = to_channels_last(images)
         for stage in self.shared:
             x = stage(x)
         logits, features = [], []

@@ -45,10 +45,12 @@ class InProcessTeacher:
         """Shapes and normalization of the teacher."""
         return self._info
 
-    def query(self, images: Tensor) -> TeacherOutputs:
-        """Logits, features and R(x) for ``images``; no gradient."""
-        out = self._engine.query(images)
-        return TeacherOutputs(out.logits, out.features, out.bn_loss)
+    def query(
+        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+    ) -> TeacherOutputs:
+        """Logits (and features, R(x) when asked) for ``images``; no gradient."""
+        out = self._engine.query(images, with_bn_loss=bn_loss)
+        return TeacherOutputs(out.logits, out.features if features else None, out.bn_loss)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
         """The input VJP of the engine."""

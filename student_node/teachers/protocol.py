@@ -39,13 +39,13 @@ class TeacherOutputs:
 
     Attributes:
         logits: float32 (B, num_classes) t_i(x).
-        features: float32 (B, feature_dim) g_i(x).
-        bn_loss: 0-dim R_i(x) (METHOD.md 2).
+        features: float32 (B, feature_dim) g_i(x); None when not asked for.
+        bn_loss: 0-dim R_i(x) (METHOD.md 2); None when not asked for.
     """
 
     logits: Tensor
-    features: Tensor
-    bn_loss: Tensor
+    features: Tensor | None
+    bn_loss: Tensor | None
 
 
 @runtime_checkable
@@ -56,8 +56,14 @@ class Teacher(Protocol):
         """Shapes and normalization of the teacher."""
         ...
 
-    def query(self, images: Tensor) -> TeacherOutputs:
-        """Logits, features and R(x) for ``images`` float32 (B, C, H, W); no gradient."""
+    def query(
+        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+    ) -> TeacherOutputs:
+        """Logits (and features, R(x) when asked) for ``images`` float32 (B, C, H, W).
+
+        No gradient flows. The student step asks for features, the generator step for R(x);
+        what is not asked for is neither computed nor sent.
+        """
         ...
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:

@@ -190,21 +190,26 @@ class RemoteTeacher:
         """Shapes and normalization, from the node's metadata."""
         return self._info
 
-    def query(self, images: Tensor) -> TeacherOutputs:
-        """Logits, features and R(x) for ``images``, computed on the node."""
+    def query(
+        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+    ) -> TeacherOutputs:
+        """Logits (and features, R(x) when asked), computed on the node."""
         request = teacher_pb2.QueryRequest(
             images=encode(images, self.config.wire_dtype),
-            want_features=True,
-            want_bn_loss=True,
+            want_features=features,
+            want_bn_loss=bn_loss,
             response_dtype=self.config.wire_dtype,
         )
         reply = self._call("Query", self._stub.Query, request)
         batch = images.shape[0]
         device = images.device
         logits = self._decode(reply.logits, "logits", (batch, self._info.num_classes))
-        features = self._decode(reply.features, "features", (batch, self._info.feature_dim))
-        bn_loss = torch.tensor(reply.bn_loss, dtype=torch.float32)
-        return TeacherOutputs(logits.to(device), features.to(device), bn_loss.to(device))
+        returned = None
+        if features:
+            shape = (batch, self._info.feature_dim)
+            returned = self._decode(reply.features, "features", shape).to(device)
+        prior = torch.tensor(reply.bn_loss, dtype=torch.float32, device=device) if bn_loss else None
+        return TeacherOutputs(logits.to(device), returned, prior)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
         """d/dx [<grad_logits, t(x)> + bn_weight * R(x)], computed on the node."""

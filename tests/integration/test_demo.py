@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::")
 

@@ -147,11 +147,20 @@ def test_a_node_down_past_the_timeout_checkpoints_and_names_it(
     )
     config_path.write_text("".join(lines))
     out = tmp_path / "out"
-    watcher = _when_checkpoint(out / "checkpoints", 0, lambda: None)
-    watcher.join()
-    killer = threading.Thread(target=lambda: (time.sleep(8), nodes[2].kill()), daemon=True)
+
+    def kill_after_two_iterations() -> None:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count('"type": "iteration"') >= 2:
+                nodes[2].kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_two_iterations, daemon=True)
     killer.start()
     code = main(["train", "--config", str(config_path), "--out", str(out)])
+    killer.join(timeout=10)
     assert code == 1
     assert nodes[2].address in caplog.text
     saved = list_checkpoints(out / "checkpoints")[-1]

@@ -80,9 +80,9 @@ class PoisonedTeacher:
     def info(self) -> TeacherInfo:
         return self.inner.info()
 
-    def query(self, images: torch.Tensor) -> TeacherOutputs:
+    def query(self, images: torch.Tensor, **wanted: bool) -> TeacherOutputs:
         self.calls += 1
-        out = self.inner.query(images)
+        out = self.inner.query(images, **wanted)
         if self.calls > self.poison_after:
             return TeacherOutputs(out.logits * float("nan"), out.features, out.bn_loss)
         return out

@@ -264,11 +264,11 @@ def test_unexpected_errors_are_internal_with_a_generic_message(
     original = TeacherEngine.query
     calls = {"n": 0}
 
-    def flaky(self, images):
+    def flaky(self, images, with_bn_loss=True):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("secret internal detail")
-        return original(self, images)
+        return original(self, images, with_bn_loss)
 
     monkeypatch.setattr(TeacherEngine, "query", flaky)
     channel, stub = _stub(address, dev_pki)
