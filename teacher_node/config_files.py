@@ -30,11 +30,10 @@ def describe_validation_error(
     error: ValidationError, union_tags: frozenset[str] = frozenset()
 ) -> str:
     """One line per problem, each naming its dotted key ('unknown key a.b', 'a.c': message)."""
-    items = [{**item, "loc": _location(item["loc"], union_tags)} for item in error.errors()]
-    nested = {item["loc"][0] for item in items if len(item["loc"]) > 1}
+    items = [(item, _location(item["loc"], union_tags)) for item in error.errors()]
+    nested = {location[0] for _, location in items if len(location) > 1}
     problems = []
-    for item in items:
-        location = item["loc"]
+    for item, location in items:
         if item["type"] == "too_short" and len(location) == 1 and location[0] in nested:
             continue  # a list emptied by its own invalid items: the nested error says why
         key = ".".join(str(part) for part in location) or "<root>"
