@@ -96,15 +96,18 @@ def raw_payload_bytes(
 ) -> dict[str, int]:
     """float32 bytes each iteration's RPCs must carry, by this protocol and at the minimum.
 
-    Per teacher: K student Queries (images up; logits + features down), one generator Query
-    (images up; logits + features down), one InputGrad (images and the cotangent up, the
-    input gradient down). The stateless node gets the generator batch twice; ``minimum``
-    counts it once.
+    Per teacher: K student Queries (images up; logits and features down), one generator Query
+    (images up; logits and R(x), a double, down), one InputGrad (images, the cotangent and
+    bn_weight up; the input gradient down). The stateless node gets the generator batch twice;
+    ``minimum`` counts it once.
     """
     image = batch * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4
     logits = batch * num_classes * 4
     features = batch * feature_dim * 4
-    per_teacher = (steps + 1) * (image + logits + features) + (image + logits + image)
+    student_steps = steps * (image + logits + features)
+    generator_query = image + logits + 8
+    input_grad = image + logits + 8 + image
+    per_teacher = student_steps + generator_query + input_grad
     return {"protocol": teachers * per_teacher, "minimum": teachers * (per_teacher - image)}
 
 

@@ -46,7 +46,8 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("training time (min)")
     axis.set_ylabel("test accuracy (subset)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    if evals:
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -67,7 +68,8 @@ def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> None:
     for axis in axes:
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if iterations:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
