@@ -91,6 +91,15 @@ def _cmd_teacher_serve(args: argparse.Namespace) -> int:
     return serve(load_teacher_config(Path(args.config)))
 
 
+def _cmd_teacher_audit_summary(args: argparse.Namespace) -> int:
+    from cdfkd.teacher_node.audit import audit_files, format_summary, summarize
+
+    if not audit_files(Path(args.file)):
+        raise ConfigError(f"no audit log at {args.file}")
+    print(format_summary(summarize(Path(args.file))))
+    return ExitCode.OK
+
+
 def _cmd_pki_dev(args: argparse.Namespace) -> int:
     from cdfkd.teacher_node.pki import create_dev_pki
 
@@ -212,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_teacher.add_argument("--config", required=True, help="teacher TOML file")
     serve_teacher.set_defaults(handler=_cmd_teacher_serve)
+    audit = teacher_commands.add_parser("audit", help="read a teacher node's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_summary = audit_commands.add_parser(
+        "summary", help="per-caller totals of an audit log (and its rotated files)"
+    )
+    audit_summary.add_argument("file", help="the audit log, e.g. audit.jsonl")
+    audit_summary.set_defaults(handler=_cmd_teacher_audit_summary)
 
     pki = commands.add_parser("pki", help="certificates for mutual TLS")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)

@@ -34,6 +34,8 @@ class NodeReport:
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     feature_dim: int | None = None
     allowed_outputs: tuple[str, ...] = ()
+    mode: str = "-"
+    remaining_budget: int | None = None
     health: str = "-"
     problems: list[str] = field(default_factory=list)
 
@@ -88,6 +90,10 @@ def _check_node(entry: RemoteTeacherConfig, timeout_s: float) -> NodeReport:
     report.normalization = (tuple(metadata.normalization_mean), tuple(metadata.normalization_std))
     report.feature_dim = metadata.feature_dim
     report.allowed_outputs = tuple(metadata.allowed_outputs)
+    report.mode = metadata.mode or "-"
+    report.remaining_budget = None if metadata.remaining_budget < 0 else metadata.remaining_budget
+    if report.remaining_budget == 0:
+        report.problems.append("this caller's budget on the node is used up")
     if "logits" not in report.allowed_outputs:
         report.problems.append("the node allows no logits")
     return report
@@ -107,6 +113,7 @@ def _check_package(entry: PackageTeacher) -> NodeReport:
     report.feature_dim = metadata.feature_dim
     report.allowed_outputs = ("logits", "features", "bn_loss", "input_grad")
     report.health = "LOCAL"
+    report.mode = "full"
     return report
 
 
@@ -139,7 +146,17 @@ def check_federation(config: RunConfig, timeout_s: float = 5.0) -> list[NodeRepo
 
 def format_table(reports: list[NodeReport]) -> str:
     """A plain-text table, one row per teacher."""
-    header = ("teacher", "name", "health", "classes", "input", "features", "outputs", "status")
+    header = (
+        "teacher",
+        "name",
+        "health",
+        "classes",
+        "input",
+        "features",
+        "mode",
+        "budget",
+        "status",
+    )
     rows = [
         (
             r.target,
@@ -148,7 +165,8 @@ def format_table(reports: list[NodeReport]) -> str:
             "-" if r.classes is None else str(r.classes),
             "-" if r.input_shape is None else "x".join(map(str, r.input_shape)),
             "-" if r.feature_dim is None else str(r.feature_dim),
-            ",".join(r.allowed_outputs) or "-",
+            r.mode,
+            "unlimited" if r.remaining_budget is None else str(r.remaining_budget),
             "ok" if r.ok else "FAIL: " + "; ".join(r.problems),
         )
         for r in reports

@@ -21,7 +21,7 @@ class GetMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMetadataResponse(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes")
+    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes", "mode", "remaining_budget")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class GetMetadataResponse(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -42,7 +44,9 @@ class GetMetadataResponse(_message.Message):
     max_batch: int
     max_message_bytes: int
     wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
+    mode: str
+    remaining_budget: int
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., remaining_budget: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("images", "want_features", "want_bn_loss", "response_dtype")

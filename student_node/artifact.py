@@ -18,7 +18,7 @@ from torch import nn
 from cdfkd.student_node.config import TrainConfig
 from cdfkd.student_node.errors import CheckpointError
 from cdfkd.student_node.models.aggregator import AttentionAggregator
-from cdfkd.student_node.teachers.protocol import TeacherInfo
+from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, TeacherInfo
 from cdfkd.student_node.trainer import build_student
 
 STUDENT_FILE = "student.safetensors"
@@ -48,7 +48,10 @@ def save_student(
         _save_module(aggregator, directory / AGGREGATOR_FILE)
     metadata = {
         "train": config.model_dump(mode="json"),
-        "teachers": [dataclasses.asdict(info) for info in infos],
+        "teachers": [
+            {**dataclasses.asdict(info), "allowed_outputs": sorted(info.allowed_outputs)}
+            for info in infos
+        ],
     }
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
@@ -73,6 +76,7 @@ def load_student(
                 feature_dim=t["feature_dim"],
                 normalization_mean=tuple(t["normalization_mean"]),
                 normalization_std=tuple(t["normalization_std"]),
+                allowed_outputs=frozenset(t.get("allowed_outputs", ALL_OUTPUTS)),
             )
             for t in metadata["teachers"]
         ]

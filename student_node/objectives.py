@@ -33,23 +33,28 @@ def student_loss(
     weights: LossWeights,
     student: StudentOutputs,
     teacher_logits: Sequence[Tensor],
-    teacher_features: Sequence[Tensor] | None,
+    teacher_features: Sequence[Tensor | None] | None,
 ) -> StudentLoss:
     """L_S of METHOD.md 2 for ``method``.
 
     cdfkd_mfs and kd_real: w_s (1/N) sum L1(s_i, t_i) + w_f (1/N) sum ||f_i - g_i||_1
-    + w_e L1(mean s, mean t). cdfkd: w_s (1/N) sum KL + w_e KL(ensemble). dfad: w_s L1(s, mean t).
+    + w_e L1(mean s, mean t); the feature term averages over the teachers that give features.
+    cdfkd: w_s (1/N) sum KL + w_e KL(ensemble). dfad: w_s L1(s, mean t).
     """
     zero = student.logits[0].new_zeros(())
     match method:
         case Method.CDFKD_MFS | Method.KD_REAL:
             header = weights.header * losses.header_l1(student.logits, teacher_logits)
             feature = zero
-            if uses_teacher_features(method, weights):
-                if teacher_features is None:
-                    raise ValueError(f"{method.value} with a feature weight needs teacher features")
+            pairs = [
+                (f, g)
+                for f, g in zip(student.features, teacher_features or (), strict=False)
+                if g is not None
+            ]
+            if uses_teacher_features(method, weights) and pairs:
+                # Over the headers whose teacher shares features (an owner may withhold them).
                 feature = weights.feature * losses.header_feature_l1(
-                    student.features, teacher_features
+                    [f for f, _ in pairs], [g for _, g in pairs]
                 )
             ensemble = weights.ensemble * losses.ensemble_l1(student.logits, teacher_logits)
         case Method.CDFKD:

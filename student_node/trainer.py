@@ -196,7 +196,11 @@ def student_step(
     """
     features = uses_teacher_features(config.method, weights)
     answers: list[TeacherOutputs] = _fan_out(
-        executor, lambda t: t.query(images, features=features, bn_loss=False), teachers
+        executor,
+        lambda t: t.query(
+            images, features=features and "features" in t.info().allowed_outputs, bn_loss=False
+        ),
+        teachers,
     )
     outputs = state.student(images)
     loss = student_loss(
@@ -234,7 +238,13 @@ def generator_step(
     outputs = state.student(leaf)
     bn_weight = weights.bn / len(teachers)
     answers: list[TeacherOutputs] = _fan_out(
-        executor, lambda t: t.query(frozen, features=False, bn_loss=bn_weight != 0.0), teachers
+        executor,
+        lambda t: t.query(
+            frozen,
+            features=False,
+            bn_loss=bn_weight != 0.0 and "bn_loss" in t.info().allowed_outputs,
+        ),
+        teachers,
     )
     teacher_logits = [a.logits.detach().clone().requires_grad_(True) for a in answers]
     adversarial = generator_adversarial_loss(config.method, weights, outputs, teacher_logits)
@@ -250,7 +260,9 @@ def generator_step(
     pairs = list(zip(teachers, cotangents, strict=True))
     teacher_grads = _fan_out(
         executor,
-        lambda pair: pair[0].input_grad(frozen, pair[1], bn_weight),
+        lambda pair: pair[0].input_grad(
+            frozen, pair[1], bn_weight if "bn_loss" in pair[0].info().allowed_outputs else 0.0
+        ),
         pairs,  # type: ignore[arg-type]
     )
     for grad in teacher_grads:

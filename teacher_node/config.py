@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cdfkd.protos.codec import WIRE_DTYPES
 from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
 from cdfkd.teacher_node.errors import TeacherConfigError
+from cdfkd.teacher_node.policy import PolicyConfig
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,8 +96,18 @@ class Choices(BaseModel):
         return self
 
 
+class AuditSettings(BaseModel):
+    """The append-only audit log (JSON lines, rotated by size)."""
+
+    model_config = _FROZEN
+
+    path: Path | None = None
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    backups: int = Field(default=5, ge=0, le=1000)
+
+
 class TeacherNodeConfig(BaseModel):
-    """A teacher node: what it serves, its TLS, its limits and its owner's choices."""
+    """A teacher node: what it serves, its TLS, limits, the owner's choices and policy."""
 
     model_config = _FROZEN
 
@@ -104,6 +115,8 @@ class TeacherNodeConfig(BaseModel):
     tls: TlsSettings
     limits: Limits = Limits()
     choices: Choices = Choices()
+    policy: PolicyConfig = PolicyConfig()
+    audit: AuditSettings = AuditSettings()
 
 
 def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> TeacherNodeConfig:
@@ -127,7 +140,11 @@ def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> Teac
             for key in ("cert", "key", "client_ca")
         }
     )
-    return config.model_copy(update={"node": node, "tls": tls})
+    policy = config.policy.model_copy(
+        update={"budget_file": resolve_path(config.policy.budget_file, base)}
+    )
+    audit = config.audit.model_copy(update={"path": resolve_path(config.audit.path, base)})
+    return config.model_copy(update={"node": node, "tls": tls, "policy": policy, "audit": audit})
 
 
 def load_teacher_config(path: Path) -> TeacherNodeConfig:

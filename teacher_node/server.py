@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -16,10 +18,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdfkd.protos import teacher_pb2_grpc
+from cdfkd.teacher_node.audit import AuditLog
 from cdfkd.teacher_node.config import TeacherNodeConfig
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.errors import TeacherConfigError
 from cdfkd.teacher_node.package import TeacherMetadata, load_package
+from cdfkd.teacher_node.policy import Clock, Policy
 from cdfkd.teacher_node.security import server_credentials
 from cdfkd.teacher_node.service import TeacherServicer
 
@@ -36,10 +40,18 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def build_policy(config: TeacherNodeConfig, clock: Clock = time.time) -> Policy:
+    """The node's policy; output noise is unpredictable unless ``policy.noise_seed`` is set."""
+    seed = config.policy.noise_seed
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    return Policy(config.policy, clock, generator)
+
+
 def build_server(
     config: TeacherNodeConfig,
     engine: TeacherEngine | None = None,
     metadata: TeacherMetadata | None = None,
+    clock: Clock = time.time,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A ready (not started) server for ``config``; the package is loaded unless given.
 
@@ -57,8 +69,11 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=config.node.workers, thread_name_prefix="teacher"),
         options=grpc_options(config.limits.max_message_bytes),
     )
+    audit = None
+    if config.audit.path is not None:
+        audit = AuditLog(config.audit.path, config.audit.max_bytes, config.audit.backups, clock)
     teacher_pb2_grpc.add_TeacherServiceServicer_to_server(
-        TeacherServicer(engine, metadata, config), server
+        TeacherServicer(engine, metadata, config, build_policy(config, clock), audit), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,7 +1,8 @@
-"""TeacherServicer: authorize, decode, check the owner's choices, call the engine, encode.
+"""TeacherServicer: authorize, decode, apply the owner's policy, call the engine, encode, audit.
 
 All exception -> status code mapping lives in :func:`status_for` (STYLE.md 4). Unexpected
 errors become INTERNAL with a generic message and a logged traceback; the server keeps serving.
+Every request, answered or refused, leaves one line in the audit log (when one is configured).
 """
 
 from __future__ import annotations
@@ -18,15 +19,26 @@ import torch
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
-from cdfkd.teacher_node.config import Output, TeacherNodeConfig
+from cdfkd.protos.contract import RETRY_AFTER_KEY
+from cdfkd.teacher_node.audit import AuditLog
+from cdfkd.teacher_node.config import TeacherNodeConfig
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.errors import InvalidInput, LimitExceeded, PermissionDenied
 from cdfkd.teacher_node.package import TeacherMetadata
+from cdfkd.teacher_node.policy import (
+    MODE_OUTPUTS,
+    CallerRule,
+    Policy,
+    RateLimited,
+    perturb_gradient,
+    perturb_logits,
+)
 from cdfkd.teacher_node.security import caller_identity
 
 logger = logging.getLogger(__name__)
 
 Response = TypeVar("Response")
+
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidTensor, grpc.StatusCode.INVALID_ARGUMENT),
@@ -44,19 +56,35 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
     return None
 
 
+def _claimed_images(request: Any) -> int:
+    """The batch size a request claims (for the audit of refusals); 0 if it claims none."""
+    images = getattr(request, "images", None)
+    shape = list(images.shape) if images is not None else []
+    return int(shape[0]) if shape and 0 <= shape[0] < 2**62 else 0
+
+
 def _rpc(method: Callable[..., Response]) -> Callable[..., Response]:
-    """Map exceptions of a servicer method to status codes in one place."""
+    """Map exceptions to status codes and audit refusals, in one place."""
 
     @functools.wraps(method)
     def wrapper(self: TeacherServicer, request: Any, context: grpc.ServicerContext) -> Response:
+        caller = caller_identity(context)
         try:
-            return method(self, request, context)
+            return method(self, request, context, caller)
         except Exception as error:  # noqa: BLE001 - every error must become a status
             code = status_for(error)
+            self._audit(
+                caller,
+                method.__name__,
+                _claimed_images(request),
+                "denied",
+                reason=f"{type(error).__name__}: {error}" if code else "internal error",
+            )
             if code is not None:
-                logger.info(
-                    "%s from %s refused: %s", method.__name__, caller_identity(context), error
-                )
+                logger.info("%s from %s refused: %s", method.__name__, caller, error)
+                if isinstance(error, RateLimited) and math.isfinite(error.retry_after_s):
+                    milliseconds = str(max(1, math.ceil(error.retry_after_s * 1000)))
+                    context.set_trailing_metadata(((RETRY_AFTER_KEY, milliseconds),))
                 context.abort(code, str(error))
             incident = uuid.uuid4().hex[:12]
             logger.exception("%s failed (incident %s)", method.__name__, incident)
@@ -70,65 +98,133 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     """Serves one teacher's answers on synthetic images; never parameters or BN statistics."""
 
     def __init__(
-        self, engine: TeacherEngine, metadata: TeacherMetadata, config: TeacherNodeConfig
+        self,
+        engine: TeacherEngine,
+        metadata: TeacherMetadata,
+        config: TeacherNodeConfig,
+        policy: Policy,
+        audit: AuditLog | None = None,
     ) -> None:
         self._engine = engine
         self._metadata = metadata
         self._config = config
+        self._policy = policy
+        self._audit_log = audit
         info = engine.info
         self._limits = TensorLimits(
             max_rank=4,
             max_elements=config.limits.max_batch
             * max(info.num_classes, math.prod(info.input_shape)),
         )
-        self._allowed = set(config.choices.allowed_outputs)
+        self._node_outputs = {o.value for o in config.choices.allowed_outputs}
         self._dtypes = config.choices.wire_dtypes
+
+    def _allowed(self, rule: CallerRule) -> set[str]:
+        return set(MODE_OUTPUTS[rule.mode]) & self._node_outputs
+
+    def _require(self, caller: str, rule: CallerRule, wanted: set[str]) -> None:
+        self._policy.check_outputs(caller, rule, wanted)
+        refused = sorted(wanted - self._node_outputs)
+        if refused:
+            raise PermissionDenied(
+                f"the owner does not allow {refused} on this node; allowed: "
+                f"{sorted(self._allowed(rule))} (see GetMetadata)"
+            )
+
+    def _audit(
+        self,
+        caller: str,
+        rpc: str,
+        images: int,
+        decision: str,
+        *,
+        reason: str = "",
+        bytes_returned: int = 0,
+    ) -> None:
+        if self._audit_log is None:
+            return
+        try:
+            mode = self._policy.rule(caller).mode.value
+        except PermissionDenied:
+            mode = "-"
+        self._audit_log.record(
+            caller=caller,
+            rpc=rpc,
+            images=images,
+            mode=mode,
+            decision=decision,
+            reason=reason,
+            bytes_returned=bytes_returned,
+        )
 
     @_rpc
     def GetMetadata(  # noqa: N802 - gRPC method name
-        self, request: teacher_pb2.GetMetadataRequest, context: grpc.ServicerContext
+        self,
+        request: teacher_pb2.GetMetadataRequest,
+        context: grpc.ServicerContext,
+        caller: str = "",
     ) -> teacher_pb2.GetMetadataResponse:
-        """What the teacher is and what the caller may ask of it."""
+        """What the teacher is and what this caller may ask of it."""
+        rule = self._policy.rule(caller)
         info = self._engine.info
-        return teacher_pb2.GetMetadataResponse(
+        remaining = self._policy.remaining(caller, rule)
+        reply = teacher_pb2.GetMetadataResponse(
             name=self._metadata.name,
             num_classes=info.num_classes,
             input_shape=list(info.input_shape),
             feature_dim=info.feature_dim,
             normalization_mean=list(self._metadata.normalization.mean),
             normalization_std=list(self._metadata.normalization.std),
-            allowed_outputs=[o.value for o in self._config.choices.allowed_outputs],
+            allowed_outputs=sorted(self._allowed(rule)),
             max_batch=self._config.limits.max_batch,
             max_message_bytes=self._config.limits.max_message_bytes,
             wire_dtypes=list(self._dtypes),
+            mode=rule.mode.value,
+            remaining_budget=-1 if remaining is None else remaining,
         )
+        self._audit(caller, "GetMetadata", 0, "allowed", bytes_returned=reply.ByteSize())
+        return reply
 
     @_rpc
     def Query(  # noqa: N802 - gRPC method name
-        self, request: teacher_pb2.QueryRequest, context: grpc.ServicerContext
+        self, request: teacher_pb2.QueryRequest, context: grpc.ServicerContext, caller: str = ""
     ) -> teacher_pb2.QueryResponse:
         """Logits, and features and R(x) when asked for, of a batch of synthetic images."""
-        self._require(Output.FEATURES, request.want_features)
-        self._require(Output.BN_LOSS, request.want_bn_loss)
+        rule = self._policy.rule(caller)
+        wanted = {"logits"}
+        if request.want_features:
+            wanted.add("features")
+        if request.want_bn_loss:
+            wanted.add("bn_loss")
+        self._require(caller, rule, wanted)
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
+        self._policy.admit(caller, rule, images.shape[0])
         out = self._engine.query(images, with_bn_loss=request.want_bn_loss)
-        return teacher_pb2.QueryResponse(
-            logits=encode(out.logits, dtype),
+        logits = out.logits
+        if rule.perturbation.active:
+            logits = perturb_logits(logits, rule.perturbation, self._policy.generator)
+        reply = teacher_pb2.QueryResponse(
+            logits=encode(logits, dtype),
             features=encode(out.features, dtype) if request.want_features else None,
             bn_loss=float(out.bn_loss) if out.bn_loss is not None else 0.0,
         )
+        self._audit(caller, "Query", images.shape[0], "allowed", bytes_returned=reply.ByteSize())
+        return reply
 
     @_rpc
     def InputGrad(  # noqa: N802 - gRPC method name
-        self, request: teacher_pb2.InputGradRequest, context: grpc.ServicerContext
+        self,
+        request: teacher_pb2.InputGradRequest,
+        context: grpc.ServicerContext,
+        caller: str = "",
     ) -> teacher_pb2.InputGradResponse:
         """The input VJP d/dx [<v, t(x)> + bn_weight R(x)]."""
-        self._require(Output.INPUT_GRAD, True)
-        if request.bn_weight != 0.0:
-            self._require(Output.BN_LOSS, True)
-        if not torch.isfinite(torch.tensor(request.bn_weight)):
+        rule = self._policy.rule(caller)
+        if not math.isfinite(request.bn_weight):
             raise InvalidInput("bn_weight must be finite")
+        wanted = {"input_grad", "bn_loss"} if request.bn_weight != 0.0 else {"input_grad"}
+        self._require(caller, rule, wanted)
         images = self._images(request.images)
         grad_logits = decode(
             request.grad_logits,
@@ -138,15 +234,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             allowed_dtypes=self._dtypes,
         )
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
+        self._policy.admit(caller, rule, images.shape[0])
         gradient = self._engine.input_grad(images, grad_logits, request.bn_weight)
-        return teacher_pb2.InputGradResponse(grad_images=encode(gradient, dtype))
-
-    def _require(self, output: Output, wanted: bool) -> None:
-        if wanted and output not in self._allowed:
-            raise PermissionDenied(
-                f"the owner does not allow '{output.value}'; allowed: "
-                f"{sorted(o.value for o in self._allowed)} (see GetMetadata)"
-            )
+        if rule.perturbation.gradient_sigma:
+            gradient = perturb_gradient(gradient, rule.perturbation, self._policy.generator)
+        reply = teacher_pb2.InputGradResponse(grad_images=encode(gradient, dtype))
+        self._audit(
+            caller, "InputGrad", images.shape[0], "allowed", bytes_returned=reply.ByteSize()
+        )
+        return reply
 
     def _images(self, message: teacher_pb2.Tensor) -> torch.Tensor:
         shape = list(message.shape)

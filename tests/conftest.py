@@ -103,7 +103,8 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory):
     from cdfkd.teacher_node.pki import create_dev_pki
 
     root = tmp_path_factory.mktemp("pki")
-    trusted = create_dev_pki(root / "trusted", client_names=("student", "other-student"))
+    callers = ("student", "other-student", *(f"caller-{i}" for i in range(8)))
+    trusted = create_dev_pki(root / "trusted", client_names=callers)
     foreign = create_dev_pki(root / "foreign", client_names=("intruder",))
     return {"trusted": trusted, "foreign": foreign, "root": root}
 
@@ -129,18 +130,23 @@ def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sect
     return parse_teacher_config(data, base=tmp)
 
 
-def client_config(address: str, pki, *, identity: str = "trusted", insecure: bool = False, **extra):
-    """A RemoteTeacherConfig with the trusted CA and a client identity of ``identity``'s PKI."""
+def client_config(
+    address: str, pki, *, identity: str = "trusted", insecure: bool = False, name: str = "", **extra
+):
+    """A RemoteTeacherConfig with the trusted CA and a client identity of ``identity``'s PKI.
+
+    ``name`` picks another client certificate of that PKI (``client-<name>.pem``).
+    """
     from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
 
     if insecure:
         return RemoteTeacherConfig(address=address, insecure=True, **extra)
+    cert, key = pki[identity].client.cert, pki[identity].client.key
+    if name:
+        cert = cert.with_name(f"client-{name}.pem")
+        key = key.with_name(f"client-{name}.key")
     return RemoteTeacherConfig(
-        address=address,
-        ca=pki["trusted"].ca.cert,
-        cert=pki[identity].client.cert,
-        key=pki[identity].client.key,
-        **extra,
+        address=address, ca=pki["trusted"].ca.cert, cert=cert, key=key, **extra
     )
 
 
@@ -151,11 +157,11 @@ def inprocess_node(digits_teachers, dev_pki, tmp_path: Path):
 
     servers = []
 
-    def start(index: int = 0, insecure: bool = False, **sections) -> str:
+    def start(index: int = 0, insecure: bool = False, clock=None, **sections) -> str:
         config = node_config(
             digits_teachers.packages[index], dev_pki, tmp_path, insecure=insecure, **sections
         )
-        server, port, _ = build_server(config)
+        server, port, _ = build_server(config, clock=clock) if clock else build_server(config)
         server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"

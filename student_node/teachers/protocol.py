@@ -11,6 +11,9 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+#: Everything a teacher can answer.
+ALL_OUTPUTS = frozenset({"logits", "features", "bn_loss", "input_grad"})
+
 
 @dataclass(frozen=True)
 class TeacherInfo:
@@ -23,6 +26,9 @@ class TeacherInfo:
         feature_dim: Width of the penultimate feature g_i.
         normalization_mean: Per-channel mean the teacher was trained with.
         normalization_std: Per-channel std the teacher was trained with.
+        allowed_outputs: What the owner lets this caller have, of "logits", "features",
+            "bn_loss" and "input_grad"; without "input_grad" the teacher's ``input_grad`` is a
+            zeroth-order estimate from logits.
     """
 
     name: str
@@ -31,6 +37,7 @@ class TeacherInfo:
     feature_dim: int
     normalization_mean: tuple[float, ...]
     normalization_std: tuple[float, ...]
+    allowed_outputs: frozenset[str] = ALL_OUTPUTS
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import WIRE_DTYPES, InvalidTensor, TensorLimits, decode, encode
+from cdfkd.protos.contract import RETRY_AFTER_KEY
 from cdfkd.student_node.errors import (
     RemoteTeacherError,
     TeacherFailed,
@@ -30,6 +31,7 @@ from cdfkd.student_node.errors import (
     TeacherUnavailable,
 )
 from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
+from cdfkd.student_node.teachers.zeroth_order import zeroth_order_input_grad
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ class RemoteTeacherConfig(BaseModel):
     backoff_s: float = Field(default=0.2, ge=0.0, le=60.0)
     max_backoff_s: float = Field(default=5.0, ge=0.0, le=600.0)
     wire_dtype: str = "float32"
+    zeroth_order_directions: int = Field(
+        default=8, ge=1, le=1024, description="directions of the estimate for logits-only nodes"
+    )
+    zeroth_order_step: float = Field(default=0.01, gt=0.0, le=10.0)
+    seed: int = Field(default=0, description="seed of the zeroth-order directions")
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
 
     @model_validator(mode="after")
@@ -168,7 +175,9 @@ class RemoteTeacher:
             feature_dim=metadata.feature_dim,
             normalization_mean=tuple(metadata.normalization_mean),
             normalization_std=tuple(metadata.normalization_std),
+            allowed_outputs=frozenset(metadata.allowed_outputs),
         )
+        self._directions = torch.Generator().manual_seed(config.seed)
         batch = max(1, metadata.max_batch)
         self._limits = TensorLimits(
             max_rank=4,
@@ -212,7 +221,22 @@ class RemoteTeacher:
         return TeacherOutputs(logits.to(device), returned, prior)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
-        """d/dx [<grad_logits, t(x)> + bn_weight * R(x)], computed on the node."""
+        """d/dx [<grad_logits, t(x)> + bn_weight * R(x)], computed on the node.
+
+        A node that gives this caller no input gradients (mode ``logits_only``) gets a
+        zeroth-order estimate of d/dx <grad_logits, t(x)> from logits queries instead; its
+        BatchNorm-prior term is then not available.
+        """
+        if "input_grad" not in self._info.allowed_outputs:
+            return zeroth_order_input_grad(
+                lambda x: self.query(x, features=False, bn_loss=False).logits,
+                images,
+                grad_logits,
+                self.config.zeroth_order_directions,
+                self.config.zeroth_order_step,
+                self._directions,
+                self.metadata.max_batch,
+            )
         request = teacher_pb2.InputGradRequest(
             images=encode(images, self.config.wire_dtype),
             grad_logits=encode(grad_logits, self.config.wire_dtype),
@@ -234,10 +258,11 @@ class RemoteTeacher:
             ) from error
 
     def _call(self, method: str, function: Callable[..., Reply], request: object) -> Reply:
-        """One RPC with a deadline; idempotent failures are retried with exponential backoff.
+        """One RPC with a deadline; idempotent failures are retried.
 
-        Retries stop after ``retries`` attempts (if set) or once the node has been failing for
-        ``outage_timeout_s``; then :class:`TeacherUnavailable` names the node.
+        An unavailable node is retried with exponential backoff; a rate-limited request waits
+        for the node's retry hint. Retries stop after ``retries`` attempts (if set) or once the
+        node has been failing for ``outage_timeout_s``; then the error names the node.
         """
         delay = self.config.backoff_s
         first_failure: float | None = None
@@ -251,29 +276,44 @@ class RemoteTeacher:
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
                 attempt += 1
+                hint = _retry_hint(error)
+                wait = hint if hint is not None else delay
                 exhausted = (
                     self.config.retries is not None and attempt > self.config.retries
-                ) or now - first_failure + delay > self.config.outage_timeout_s
-                if error.code() not in _RETRIED or exhausted:
+                ) or now - first_failure + wait > self.config.outage_timeout_s
+                if (error.code() not in _RETRIED and hint is None) or exhausted:
                     raise _error_for(error, self.config.address, method) from error
                 logger.warning(
-                    "teacher node %s unavailable (%s %s, attempt %d, failing for %.0f s): "
-                    "retrying in %.1f s",
+                    "teacher node %s: %s %s (attempt %d, failing for %.0f s): retrying in %.2f s",
                     self.config.address,
                     method,
-                    error.code().name,
+                    "rate-limited" if hint is not None else error.code().name,
                     attempt,
                     now - first_failure,
-                    delay,
+                    wait,
                 )
-                self._sleep(delay)
-                delay = min(self.config.max_backoff_s, delay * 2)
+                self._sleep(wait)
+                if hint is None:
+                    delay = min(self.config.max_backoff_s, delay * 2)
                 continue
             if first_failure is not None:
                 logger.warning(
-                    "teacher node %s is back after %.0f s",
+                    "teacher node %s answers again after %.1f s",
                     self.config.address,
                     time.monotonic() - first_failure,
                 )
             self.bytes_received += reply.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             return reply
+
+
+def _retry_hint(error: grpc.RpcError) -> float | None:
+    """Seconds to wait before a rate-limited request fits, if the node said so."""
+    if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None

@@ -15,6 +15,8 @@ import pytest
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.errors import ExitCode
 from cdfkd.teacher_node.package import read_metadata
+from tests.helpers import packages as package_entries
+from tests.helpers import small_run, write_toml
 
 
 def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,25 +72,11 @@ def test_teacher_train_writes_a_package(tmp_path: Path, capsys) -> None:
 
 
 def write_run_config(path: Path, packages: list[Path], **train: object) -> Path:
-    lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
-    for package in packages:
-        lines.append(f'[[teachers]]\npackage = "{package}"\n')
-    lines.append("[train]\n")
-    settings = {
-        "batch_size": 32,
-        "epochs": 2,
-        "iterations_per_epoch": 3,
-        "student_steps_per_generator_step": 2,
-        **train,
-    }
-    lines += [f"{k} = {json.dumps(v)}\n" for k, v in settings.items()]
-    lines.append(
-        "[train.student]\nwidths = [8, 16, 16]\n[train.generator]\nlatent_dim = 32\nwidth = 8\n"
+    """A small digits run over local ``packages``, with ``train`` settings on top."""
+    return write_toml(
+        path,
+        small_run(package_entries(packages), train, checkpoint_every=2, eval_every=2, log_every=1),
     )
-    lines.append("[train.attention]\nsamples = 30\nepochs = 20\n")
-    lines.append('[run]\ncheckpoint_every = 2\neval_every = 2\nlog_every = 1\ndevice = "cpu"\n')
-    path.write_text("".join(lines))
-    return path
 
 
 @pytest.mark.integration
@@ -157,12 +145,9 @@ def test_diverging_run_stops_with_a_clear_error_and_a_good_checkpoint(
         tmp_path / "run.toml",
         digits_teachers.packages,
         epochs=20,
+        optimizer={"student_lr": 10.0},
+        weights={"header": 1e20},
     )
-    text = config.read_text().replace(
-        "[train.student]",
-        "[train.optimizer]\nstudent_lr = 10.0\n[train.weights]\nheader = 1e20\n[train.student]",
-    )
-    config.write_text(text)
     out = tmp_path / "out"
     assert (
         main(["train", "--in-process", "--config", str(config), "--out", str(out)])

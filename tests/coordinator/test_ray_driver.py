@@ -16,34 +16,16 @@ from cdfkd.coordinator.ray_driver import train_on_ray
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.artifact import STUDENT_FILE
 from cdfkd.student_node.checkpoint import list_checkpoints
+from tests.helpers import packages as package_entries
+from tests.helpers import small_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
 
 def ray_config(packages: list[Path], epochs: int = 3, **run: object):
-    return parse_run_config(
-        {
-            "data": {"dataset": "digits", "eval_samples": 200},
-            "teachers": [{"package": str(p)} for p in packages],
-            "train": {
-                "batch_size": 32,
-                "epochs": epochs,
-                "iterations_per_epoch": 3,
-                "student_steps_per_generator_step": 2,
-                "student": {"widths": [8, 16, 16]},
-                "generator": {"latent_dim": 32, "width": 8},
-                "attention": {"samples": 30, "epochs": 10},
-            },
-            "run": {
-                "device": "cpu",
-                "threads": 2,
-                "cpus": 2,
-                "checkpoint_every": 1,
-                "eval_every": 3,
-                **run,
-            },
-        }
-    )
+    """A small digits run on local packages, checkpointing every iteration."""
+    settings = {"cpus": 2, "checkpoint_every": 1, "eval_every": 3, **run}
+    return parse_run_config(small_run(package_entries(packages), {"epochs": epochs}, **settings))
 
 
 def student_weights(out: Path) -> dict[str, torch.Tensor]:

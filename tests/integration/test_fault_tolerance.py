@@ -20,48 +20,24 @@ from cdfkd.coordinator.ray_driver import train_on_ray
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.checkpoint import list_checkpoints
 from tests.coordinator.test_ray_driver import same, student_weights
+from tests.helpers import packages, small_run, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
-def _train_section(epochs: int) -> dict:
-    return {
-        "batch_size": 32,
-        "epochs": epochs,
-        "iterations_per_epoch": 3,
-        "student_steps_per_generator_step": 2,
-        "student": {"widths": [8, 16, 16]},
-        "generator": {"latent_dim": 32, "width": 8},
-        "attention": {"samples": 30, "epochs": 10},
-    }
-
-
-def _remote_config(addresses: list[str], pki, epochs: int, **remote: object):
-    return parse_run_config(
+def _remote_entries(addresses: list[str], pki, **remote: object) -> list[dict]:
+    return [
         {
-            "data": {"dataset": "digits", "eval_samples": 200},
-            "teachers": [
-                {
-                    "address": a,
-                    "ca": str(pki.ca.cert),
-                    "cert": str(pki.client.cert),
-                    "key": str(pki.client.key),
-                    "backoff_s": 0.1,
-                    "max_backoff_s": 0.5,
-                    **remote,
-                }
-                for a in addresses
-            ],
-            "train": _train_section(epochs),
-            "run": {
-                "device": "cpu",
-                "threads": 2,
-                "cpus": 2,
-                "checkpoint_every": 1,
-                "eval_every": 6,
-            },
+            "address": a,
+            "ca": pki.ca.cert,
+            "cert": pki.client.cert,
+            "key": pki.client.key,
+            "backoff_s": 0.1,
+            "max_backoff_s": 0.5,
+            **remote,
         }
-    )
+        for a in addresses
+    ]
 
 
 def _when_checkpoint(
@@ -87,7 +63,9 @@ def test_a_teacher_node_killed_and_restarted_mid_run(
     pki = dev_pki["trusted"]
     nodes = [node_processes(i) for i in range(3)]
     victim = nodes[1]
-    config = _remote_config([n.address for n in nodes], pki, epochs=4)
+    settings = {"cpus": 2, "checkpoint_every": 1, "eval_every": 6}
+    entries = _remote_entries([n.address for n in nodes], pki)
+    config = parse_run_config(small_run(entries, {"epochs": 4}, **settings))
     replacement: list[TeacherNodeProcess] = []
 
     def kill_and_restart() -> None:
@@ -115,12 +93,7 @@ def test_a_teacher_node_killed_and_restarted_mid_run(
     assert not summary["stopped_early"]
     # Retried calls are idempotent: the result equals an uninterrupted in-process run.
     local = parse_run_config(
-        {
-            "data": {"dataset": "digits", "eval_samples": 200},
-            "teachers": [{"package": str(p)} for p in digits_teachers.packages],
-            "train": _train_section(4),
-            "run": {"device": "cpu", "threads": 2, "checkpoint_every": 1, "eval_every": 6},
-        }
+        small_run(packages(digits_teachers.packages), {"epochs": 4}, **settings)
     )
     run_training(local, tmp_path / "local")
     assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))
@@ -131,21 +104,9 @@ def test_a_node_down_past_the_timeout_checkpoints_and_names_it(
 ) -> None:
     pki = dev_pki["trusted"]
     nodes = [node_processes(i) for i in range(3)]
-    config_path = tmp_path / "run.toml"
-    lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
-    for node in nodes:
-        lines.append(
-            f'[[teachers]]\naddress = "{node.address}"\nca = "{pki.ca.cert}"\n'
-            f'cert = "{pki.client.cert}"\nkey = "{pki.client.key}"\noutage_timeout_s = 3\n'
-            "backoff_s = 0.1\nmax_backoff_s = 0.5\n"
-        )
-    lines.append(
-        "[train]\nbatch_size = 32\nepochs = 100\niterations_per_epoch = 3\n"
-        "student_steps_per_generator_step = 2\n[train.student]\nwidths = [8, 16, 16]\n"
-        "[train.generator]\nlatent_dim = 32\nwidth = 8\n"
-        '[run]\ndevice = "cpu"\ncheckpoint_every = 1000\nthreads = 2\n'
-    )
-    config_path.write_text("".join(lines))
+    entries = _remote_entries([n.address for n in nodes], pki, outage_timeout_s=3)
+    run = small_run(entries, {"epochs": 100}, checkpoint_every=1000)
+    config_path = write_toml(tmp_path / "run.toml", run)
     out = tmp_path / "out"
 
     def kill_after_two_iterations() -> None:
@@ -169,17 +130,10 @@ def test_a_node_down_past_the_timeout_checkpoints_and_names_it(
 
 
 def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> None:
-    config = tmp_path / "run.toml"
-    lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
-    lines += [f'[[teachers]]\npackage = "{p}"\n' for p in digits_teachers.packages]
-    lines.append(
-        "[train]\nbatch_size = 32\nepochs = 5\niterations_per_epoch = 3\n"
-        "student_steps_per_generator_step = 2\n[train.student]\nwidths = [8, 16, 16]\n"
-        "[train.generator]\nlatent_dim = 32\nwidth = 8\n"
-        "[train.attention]\nsamples = 30\nepochs = 10\n"
-        '[run]\ndevice = "cpu"\ncheckpoint_every = 1\nthreads = 2\n'
+    config = write_toml(
+        tmp_path / "run.toml",
+        small_run(packages(digits_teachers.packages), {"epochs": 5}, checkpoint_every=1),
     )
-    config.write_text("".join(lines))
     out = tmp_path / "out"
     command = [
         sys.executable,

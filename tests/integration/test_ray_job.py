@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import packages, small_run, write_toml
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
@@ -54,17 +56,9 @@ def test_ray_job_submit_runs_the_distillation(digits_teachers, tmp_path: Path) -
     try:
         job_dir = tmp_path / "job"
         job_dir.mkdir()
-        config = job_dir / "run.toml"
-        lines = ['[data]\ndataset = "digits"\neval_samples = 200\n']
-        lines += [f'[[teachers]]\npackage = "{p}"\n' for p in digits_teachers.packages]
-        lines.append(
-            "[train]\nbatch_size = 32\nepochs = 2\niterations_per_epoch = 3\n"
-            "student_steps_per_generator_step = 2\n[train.student]\nwidths = [8, 16, 16]\n"
-            "[train.generator]\nlatent_dim = 32\nwidth = 8\n"
-            "[train.attention]\nsamples = 30\nepochs = 10\n"
-            '[run]\ndevice = "cpu"\ncpus = 1\n'
+        config = write_toml(
+            job_dir / "run.toml", small_run(packages(digits_teachers.packages), cpus=1)
         )
-        config.write_text("".join(lines))
         out = tmp_path / "out"
         result = subprocess.run(
             [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cdfkd.coordinator.cli import main
-from tests.coordinator.test_cli import write_run_config
+from tests.helpers import small_run, write_toml
 
 
 @pytest.mark.integration
@@ -17,16 +17,17 @@ def test_train_against_teacher_nodes(
 ) -> None:
     nodes = [node_processes(index) for index in range(3)]
     pki = dev_pki["trusted"]
-    config = write_run_config(tmp_path / "run.toml", digits_teachers.packages)
-    text = config.read_text()
-    local = "".join(f'[[teachers]]\npackage = "{p}"\n' for p in digits_teachers.packages)
-    remote = "".join(
-        f'[[teachers]]\naddress = "{n.address}"\nca = "{pki.ca.cert}"\n'
-        f'cert = "{pki.client.cert}"\nkey = "{pki.client.key}"\ndeadline_s = 30\n'
+    remote = [
+        {
+            "address": n.address,
+            "ca": pki.ca.cert,
+            "cert": pki.client.cert,
+            "key": pki.client.key,
+            "deadline_s": 30,
+        }
         for n in nodes
-    )
-    config.write_text(text.replace(local, remote))
-    assert "address" in config.read_text()
+    ]
+    config = write_toml(tmp_path / "run.toml", small_run(remote))
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -44,14 +45,16 @@ def test_an_untrusted_identity_fails_naming_the_node(
     node = node_processes(0)
     foreign = dev_pki["foreign"]
     trusted = dev_pki["trusted"]
-    config = write_run_config(tmp_path / "run.toml", digits_teachers.packages[:1])
-    text = config.read_text().replace(
-        f'[[teachers]]\npackage = "{digits_teachers.packages[0]}"\n',
-        f'[[teachers]]\naddress = "{node.address}"\nca = "{trusted.ca.cert}"\n'
-        f'cert = "{foreign.client.cert}"\nkey = "{foreign.client.key}"\nretries = 1\n'
-        "deadline_s = 5\nbackoff_s = 0.05\n",
-    )
-    config.write_text(text)
+    entry = {
+        "address": node.address,
+        "ca": trusted.ca.cert,
+        "cert": foreign.client.cert,
+        "key": foreign.client.key,
+        "retries": 1,
+        "deadline_s": 5,
+        "backoff_s": 0.05,
+    }
+    config = write_toml(tmp_path / "run.toml", small_run([entry]))
     # A TLS refusal looks like an unreachable node to gRPC: exit 1 with a message naming it.
     assert (
         main(["train", "--in-process", "--config", str(config), "--out", str(tmp_path / "out")])

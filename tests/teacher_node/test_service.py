@@ -46,7 +46,9 @@ def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
         limits={"max_batch": 64},
     )
     with RemoteTeacher(client_config(address, dev_pki)) as remote:
-        assert list(remote.metadata.allowed_outputs) == ["logits", "features"]
+        assert set(remote.metadata.allowed_outputs) == {"logits", "features"}
+        assert remote.metadata.mode == "full"
+        assert remote.metadata.remaining_budget == -1
         assert remote.metadata.max_batch == 64
         assert list(remote.metadata.wire_dtypes) == ["float32"]
         assert remote.metadata.input_shape == list(SHAPE)
@@ -62,11 +64,26 @@ def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
             "max_batch",
             "max_message_bytes",
             "wire_dtypes",
+            "mode",
+            "remaining_budget",
         }
-        with pytest.raises(TeacherRefused, match="does not allow 'bn_loss'"):
+        with pytest.raises(TeacherRefused, match=r"does not allow \['bn_loss'\]"):
             remote.query(torch.randn(4, *SHAPE))
-        with pytest.raises(TeacherRefused, match="does not allow 'input_grad'"):
-            remote.input_grad(torch.randn(4, *SHAPE), torch.randn(4, 10), 0.0)
+        # Without input gradients the student side estimates them from logits instead...
+        calls = remote.calls
+        estimate = remote.input_grad(torch.randn(4, *SHAPE), torch.randn(4, 10), 0.0)
+        assert estimate.shape == (4, *SHAPE)
+        assert remote.calls > calls
+        # ...and asking the node for them directly is refused.
+        channel, stub = _stub(address, dev_pki)
+        request = teacher_pb2.InputGradRequest(
+            images=encode(torch.randn(4, *SHAPE)), grad_logits=encode(torch.randn(4, 10))
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.InputGrad(request, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "['input_grad']" in raised.value.details()
+        channel.close()
 
 
 def test_health_service_reports_serving(inprocess_node, dev_pki) -> None:

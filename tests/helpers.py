@@ -1,0 +1,63 @@
+"""Small run configs on digits shared by the tests, as dicts or as TOML files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: A distillation small enough for tests: 3 iterations per epoch of batch 32 on 16x16 digits.
+SMALL_TRAIN: dict[str, Any] = {
+    "batch_size": 32,
+    "epochs": 2,
+    "iterations_per_epoch": 3,
+    "student_steps_per_generator_step": 2,
+    "student": {"widths": [8, 16, 16]},
+    "generator": {"latent_dim": 32, "width": 8},
+    "attention": {"samples": 30, "epochs": 10},
+}
+
+
+def small_run(
+    teachers: list[dict[str, Any]], train: dict[str, Any] | None = None, **run: Any
+) -> dict[str, Any]:
+    """A run config mapping on digits with ``SMALL_TRAIN`` (updated by ``train``) and ``run``."""
+    return {
+        "data": {"dataset": "digits", "eval_samples": 200},
+        "teachers": teachers,
+        "train": {**SMALL_TRAIN, **(train or {})},
+        "run": {"device": "cpu", "threads": 2, **run},
+    }
+
+
+def packages(paths: list[Path]) -> list[dict[str, Any]]:
+    """Teacher entries for local packages."""
+    return [{"package": str(p)} for p in paths]
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """TOML text of a mapping of scalars, lists of scalars, tables and lists of tables."""
+    scalars, tables, arrays = [], [], []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            tables.append((name, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            arrays.append((name, value))
+        else:
+            scalars.append(
+                f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}"
+            )
+    text = "\n".join(scalars) + ("\n" if scalars else "")
+    for name, table in tables:
+        text += f"[{name}]\n" + to_toml(table, name)
+    for name, items in arrays:
+        for item in items:
+            text += f"[[{name}]]\n" + to_toml(item, name)
+    return text
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as TOML to ``path``."""
+    path.write_text(to_toml(data))
+    return path
