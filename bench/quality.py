@@ -106,7 +106,35 @@ class WallClockSchedule:
             self.decayed_at.append(metrics.iteration)
 
 
-def run_method(method: Method, packages: list[Path], budget_s: float, out: Path) -> dict[str, Any]:
+def reused_run(run_dir: Path, budget_s: float) -> dict[str, Any] | None:
+    """A finished run's figures from its `result.json`, if it ran its whole budget."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["train_seconds"] < 0.98 * budget_s:
+        return None
+    logger.info("%s: reusing the finished run in %s", saved["method"], run_dir)
+    return {
+        "mean": saved["student_accuracy_mean"],
+        "attention": saved["student_accuracy_attention"],
+        "headers": saved["student_header_accuracies"],
+        "iterations": saved["iterations"],
+        "decayed_at_iteration": None,
+        "seconds_per_iteration": round(saved["train_seconds"] / max(1, saved["iterations"]), 3),
+        "train_seconds": saved["train_seconds"],
+        "student_parameters": saved["student_parameters"],
+        "teachers": saved["teacher_accuracies"],
+        "teacher_ensemble": saved["teacher_ensemble_accuracy"],
+        "reused": True,
+    }
+
+
+def run_method(
+    method: Method, packages: list[Path], budget_s: float, out: Path, reuse: bool = False
+) -> dict[str, Any]:
+    if reuse and (saved := reused_run(out / method.value, budget_s)) is not None:
+        return saved
     train = TrainConfig.model_validate(
         {**BASE_TRAIN, "method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
     )
@@ -137,10 +165,15 @@ def run_method(method: Method, packages: list[Path], budget_s: float, out: Path)
 
 
 def federation(
-    name: str, jobs: list[TeacherJob], methods: list[Method], budget_s: float, out: Path
+    name: str,
+    jobs: list[TeacherJob],
+    methods: list[Method],
+    budget_s: float,
+    out: Path,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     packages = ensure_teachers(out / "teachers", jobs)
-    runs = {m.value: run_method(m, packages, budget_s, out / name) for m in methods}
+    runs = {m.value: run_method(m, packages, budget_s, out / name, reuse) for m in methods}
     any_run = next(iter(runs.values()))
     summary: dict[str, Any] = {
         "teachers": any_run["teachers"],
@@ -210,6 +243,11 @@ def main() -> None:
     parser.add_argument("--hetero-budget-min", type=float, help="default: --budget-min")
     parser.add_argument("--methods", nargs="+", default=[m.value for m in Method])
     parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs under --out that ran their whole budget (resume a bench)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -218,7 +256,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     result = federation(
-        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, budget, args.out
+        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, budget, args.out, args.reuse
     )
     report = {**{k: v for k, v in result.items() if k != "teacher_names"}}
     tables = [markdown("Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST", result)]
@@ -230,6 +268,7 @@ def main() -> None:
             methods,
             hetero_budget,
             args.out,
+            args.reuse,
         )
         report["heterogeneous"] = hetero
         tables.append(

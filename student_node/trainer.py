@@ -169,6 +169,17 @@ def _fan_out(
     return list(executor.map(function, teachers))
 
 
+def _teacher_input_grad(
+    teacher: Teacher, images: Tensor, cotangent: Tensor, bn_weight: float
+) -> Tensor:
+    """A teacher's input VJP; its BN term only where the owner shares it; no call for zero."""
+    if "bn_loss" not in teacher.info().allowed_outputs:
+        bn_weight = 0.0
+    if bn_weight == 0.0 and not bool(cotangent.any()):
+        return torch.zeros_like(images)  # e.g. cdfkd's detached teachers: nothing to ask
+    return teacher.input_grad(images, cotangent, bn_weight)
+
+
 def _require_finite(value: Tensor, term: str, iteration: int) -> None:
     if not bool(torch.isfinite(value).all()):
         raise NonFiniteLossError(term, iteration)
@@ -260,9 +271,7 @@ def generator_step(
     pairs = list(zip(teachers, cotangents, strict=True))
     teacher_grads = _fan_out(
         executor,
-        lambda pair: pair[0].input_grad(
-            frozen, pair[1], bn_weight if "bn_loss" in pair[0].info().allowed_outputs else 0.0
-        ),
+        lambda pair: _teacher_input_grad(pair[0], frozen, pair[1], bn_weight),
         pairs,  # type: ignore[arg-type]
     )
     for grad in teacher_grads:
