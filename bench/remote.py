@@ -1,11 +1,14 @@
 """The cost of distance: the same CDFKD-MFS iterations with in-process and remote teachers.
 
-    python bench/remote.py --out DIR [--quick]
+    python bench/remote.py --out DIR [--quick] [--multihost-only]
 
 Teacher nodes run as separate processes (``cdfkd teacher serve``) on loopback, one thread each.
-Modes are interleaved round by round so that the ratios are measured side by side. Wire bytes
-are counted by a TCP proxy in a separate pass (the proxy itself costs time). Writes
-DIR/remote.json and appends a table to bench/RESULTS.md.
+The multi-host row puts each of three mTLS nodes in its own network namespace with its own
+address, reached over a veth link (bench/netns.py; needs root, skipped with the reason
+otherwise), with certificates for those addresses. Modes are interleaved round by round so that
+the ratios are measured side by side. Wire bytes are counted by a TCP proxy in a separate pass
+(the proxy itself costs time). ``--multihost-only`` measures just in-process, loopback mTLS and
+multi-host mTLS. Writes DIR/remote.json and appends a table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.netns import NamespaceError, VirtualHosts, unavailable_reason  # noqa: E402
 from bench.tcp_proxy import RecordingProxy  # noqa: E402
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
@@ -40,6 +45,9 @@ from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier  # noqa: E
 
 logger = logging.getLogger("bench.remote")
 RESULTS = ROOT / "bench" / "RESULTS.md"
+MULTIHOST = "remote_tls_multihost"
+#: gRPC honours these for non-loopback addresses; teacher traffic must stay on this machine.
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY")
 SHAPE = (1, 32, 32)
 #: The demo's training settings (bs 128, K = 5, generator width 8, MFS student).
 TRAIN = TrainConfig.model_validate(
@@ -70,11 +78,59 @@ def make_packages(root: Path, count: int) -> list[Path]:
     return packages
 
 
-def start_node(package: Path, directory: Path, pki, insecure: bool) -> TeacherNodeProcess:
+def start_node(
+    package: Path,
+    directory: Path,
+    pki,
+    insecure: bool,
+    address: str = "127.0.0.1:0",
+    command_prefix: tuple[str, ...] | list[str] = (),
+) -> TeacherNodeProcess:
     """A teacher node process with one torch thread."""
-    node = TeacherNodeProcess(package, directory, None if insecure else pki, threads=1)
+    node = TeacherNodeProcess(
+        package,
+        directory,
+        None if insecure else pki,
+        threads=1,
+        address=address,
+        command_prefix=command_prefix,
+    )
     node.start()
     return node
+
+
+def start_multihost_nodes(
+    stack: ExitStack, packages: list[Path], out: Path
+) -> tuple[list[TeacherNodeProcess], Any] | str:
+    """Three mTLS nodes, each in its own network namespace; or why that cannot be done here.
+
+    The server certificate's SANs are the three namespace addresses (and loopback). Nodes are
+    stopped, then namespaces removed, when ``stack`` closes.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    network = VirtualHosts(len(packages))
+    try:
+        hosts = network.create()
+    except NamespaceError as error:
+        return str(error)
+    stack.callback(network.close)
+    pki = create_dev_pki(out / "pki-multihost", server_names=tuple(h.address for h in hosts))
+    nodes = []
+    for index, (package, host) in enumerate(zip(packages, hosts, strict=True)):
+        node = start_node(
+            package,
+            out / f"multihost-{index}",
+            pki,
+            False,
+            address=f"{host.address}:0",
+            command_prefix=host.exec_prefix(),
+        )
+        stack.callback(node.stop)
+        nodes.append(node)
+    logger.info("multi-host nodes: %s", [n.address for n in nodes])
+    return nodes, pki
 
 
 def remote_config(
@@ -124,11 +180,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=3, help="per mode per round")
+    parser.add_argument(
+        "--multihost-only",
+        action="store_true",
+        help="only in-process, loopback mTLS and multi-host mTLS (no wire bytes, no growth)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     rounds, per_round = (2, 2) if args.quick else (args.rounds, args.iterations)
     args.out.mkdir(parents=True, exist_ok=True)
+    for variable in PROXY_VARIABLES:
+        os.environ.pop(variable, None)
     pki = create_dev_pki(args.out / "pki")
     packages = make_packages(args.out / "teachers", 8)
     results: dict[str, Any] = {
@@ -140,9 +203,18 @@ def main() -> None:
 
     with ExitStack() as stack:
         executor = stack.enter_context(ThreadPoolExecutor(8))
-        plain_nodes = [
-            start_node(p, args.out / f"plain-{i}", pki, True) for i, p in enumerate(packages[:3])
-        ]
+        multihost = start_multihost_nodes(stack, packages[:3], args.out)
+        if isinstance(multihost, str):
+            logger.warning("multi-host row skipped: %s", multihost)
+            results["multihost_skipped"] = multihost
+        plain_nodes = (
+            []
+            if args.multihost_only
+            else [
+                start_node(p, args.out / f"plain-{i}", pki, True)
+                for i, p in enumerate(packages[:3])
+            ]
+        )
         tls_nodes = [
             start_node(p, args.out / f"tls-{i}", pki, False) for i, p in enumerate(packages[:3])
         ]
@@ -150,26 +222,28 @@ def main() -> None:
             stack.callback(node.stop)
         modes: dict[str, tuple[list[Teacher], Any]] = {
             "inprocess": ([InProcessTeacher.from_package(p) for p in packages[:3]], None),
-            "remote": (
+        }
+        if not args.multihost_only:
+            modes["remote"] = (
                 [RemoteTeacher(remote_config(n.address, pki, True)) for n in plain_nodes],
                 executor,
-            ),
-            "remote_tls": (
-                [RemoteTeacher(remote_config(n.address, pki, False)) for n in tls_nodes],
+            )
+        modes["remote_tls"] = (
+            [RemoteTeacher(remote_config(n.address, pki, False)) for n in tls_nodes],
+            executor,
+        )
+        if not args.multihost_only:
+            for dtype in ("float16", "bfloat16"):
+                modes[f"remote_tls_{dtype}"] = (
+                    [RemoteTeacher(remote_config(n.address, pki, False, dtype)) for n in tls_nodes],
+                    executor,
+                )
+        if not isinstance(multihost, str):
+            hosts, host_pki = multihost
+            modes[MULTIHOST] = (
+                [RemoteTeacher(remote_config(n.address, host_pki, False)) for n in hosts],
                 executor,
-            ),
-            "remote_tls_float16": (
-                [RemoteTeacher(remote_config(n.address, pki, False, "float16")) for n in tls_nodes],
-                executor,
-            ),
-            "remote_tls_bfloat16": (
-                [
-                    RemoteTeacher(remote_config(n.address, pki, False, "bfloat16"))
-                    for n in tls_nodes
-                ],
-                executor,
-            ),
-        }
+            )
         infos = [t.info() for t in modes["inprocess"][0]]
         states = {name: init_state(TRAIN, infos, torch.device("cpu")) for name in modes}
         seconds = dict.fromkeys(modes, 0.0)
@@ -182,14 +256,21 @@ def main() -> None:
                 "round %d: %s", round_index + 1, {k: round(v, 1) for k, v in seconds.items()}
             )
         measured = rounds * per_round
-        for name in modes:
+        for name in modes:  # in-process first
             results[f"{name}_it_per_s"] = round(measured / seconds[name], 4)
-        results["ratio_plain"] = round(
-            results["remote_it_per_s"] / results["inprocess_it_per_s"], 4
-        )
-        results["ratio_tls"] = round(
-            results["remote_tls_it_per_s"] / results["inprocess_it_per_s"], 4
-        )
+            results[f"{name}_ratio"] = round(
+                results[f"{name}_it_per_s"] / results["inprocess_it_per_s"], 4
+            )
+        if MULTIHOST in modes:
+            results["multihost_to_loopback"] = round(
+                results[f"{MULTIHOST}_it_per_s"] / results["remote_tls_it_per_s"], 4
+            )
+        if args.multihost_only:
+            close_teachers(modes)
+            finish(results, args)
+            return
+        results["ratio_plain"] = results["remote_ratio"]
+        results["ratio_tls"] = results["remote_tls_ratio"]
 
         # Wire bytes through a counting proxy, in a separate pass.
         payload = raw_payload_bytes(3, TRAIN.batch_size, TRAIN.student_steps_per_generator_step)
@@ -254,13 +335,23 @@ def main() -> None:
         results["fan_out_growth_2_to_8"] = round(
             growth["8"]["fan_out_query_s"] / growth["2"]["fan_out_query_s"], 3
         )
-        for name, (teachers, _) in modes.items():
-            if name != "inprocess":
-                for teacher in teachers:
-                    teacher.close()
+        close_teachers(modes)
+    finish(results, args)
 
+
+def close_teachers(modes: dict[str, tuple[list[Teacher], Any]]) -> None:
+    for name, (teachers, _) in modes.items():
+        if name != "inprocess":
+            for teacher in teachers:
+                teacher.close()  # type: ignore[attr-defined]
+
+
+def finish(results: dict[str, Any], args: argparse.Namespace) -> None:
     (args.out / "remote.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results, args)
+    if args.multihost_only:
+        write_multihost_table(results, args)
+    else:
+        write_table(results, args)
     print(json.dumps(results, indent=2))
 
 
@@ -271,7 +362,8 @@ def write_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"\n### Remote teachers, {stamp}\n",
         f"Command: `python bench/remote.py --out {args.out}{' --quick' if args.quick else ''}`; "
         f"3 LeNet-5-BN teachers, batch {results['batch_size']}, K = 5, MFS student; teacher nodes "
-        "are separate processes on loopback (1 thread each), 2 CPU cores in all; "
+        "are separate processes on loopback (1 thread each; the 3-host row: each node in its "
+        "own network namespace and address, over a veth link), 2 CPU cores in all; "
         f"{results['rounds']} interleaved rounds of {results['iterations_per_round']} "
         "iterations.\n",
         "| mode | it/s | ratio to in-process | wire MiB / it |",
@@ -286,6 +378,7 @@ def write_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"{results['wire_bytes_per_it_tls_float16'] / mb:.2f} |",
         f"| remote, mTLS, bfloat16 wire | {results['remote_tls_bfloat16_it_per_s']:.3f} | "
         f"{results['remote_tls_bfloat16_it_per_s'] / results['inprocess_it_per_s']:.3f} | |",
+        multihost_row(results),
         "",
         "Raw float32 payload by this protocol: "
         f"{results['raw_payload_bytes_per_it'] / mb:.2f} MiB / it (wire / payload: plaintext "
@@ -302,6 +395,48 @@ def write_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"\nGrowth 2 -> 8 teachers: iteration x{results['growth_2_to_8']:.2f}, concurrent teacher "
         f"round x{results['fan_out_growth_2_to_8']:.2f}.\n"
     )
+    with RESULTS.open("a") as handle:
+        handle.write("\n".join(lines))
+
+
+def multihost_row(results: dict[str, Any]) -> str:
+    """The table row of the three-host mode, or a line saying why it was skipped."""
+    if f"{MULTIHOST}_it_per_s" not in results:
+        return (
+            f"| remote, mTLS, 3 hosts (netns) | skipped: {results.get('multihost_skipped')} | | |"
+        )
+    return (
+        f"| remote, mTLS, 3 hosts (netns + veth) | {results[f'{MULTIHOST}_it_per_s']:.3f} | "
+        f"{results[f'{MULTIHOST}_ratio']:.3f} | |"
+    )
+
+
+def write_multihost_table(results: dict[str, Any], args: argparse.Namespace) -> None:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"python bench/remote.py --out {args.out} --multihost-only"
+    if args.quick:
+        command += " --quick"
+    else:
+        command += f" --rounds {args.rounds} --iterations {args.iterations}"
+    lines = [
+        f"\n### Remote teachers on three hosts, {stamp}\n",
+        f"Command: `{command}`; 3 LeNet-5-BN teachers, batch {results['batch_size']}, K = 5, MFS "
+        "student; mTLS nodes (1 thread each) on loopback, and on three network namespaces, each "
+        "with its own address on a veth link to the student's host, certificates for those "
+        "addresses; 2 CPU cores in all; "
+        f"{results['rounds']} interleaved rounds of {results['iterations_per_round']} "
+        "iterations.\n",
+        "| mode | it/s | ratio to in-process |",
+        "|---|---|---|",
+        f"| in-process | {results['inprocess_it_per_s']:.3f} | 1.000 |",
+        f"| remote, mTLS, loopback | {results['remote_tls_it_per_s']:.3f} | "
+        f"{results['remote_tls_ratio']:.3f} |",
+        multihost_row(results).removesuffix(" |"),
+    ]
+    if "multihost_to_loopback" in results:
+        lines.append(f"\nThree hosts / loopback: {results['multihost_to_loopback']:.3f}.\n")
+    else:
+        lines.append("")
     with RESULTS.open("a") as handle:
         handle.write("\n".join(lines))
 

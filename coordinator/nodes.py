@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -60,6 +61,9 @@ class TeacherNodeProcess:
         address: Listen address; port 0 picks a free port.
         threads: torch threads of the node.
         extra: More TOML appended to the config (limits, choices).
+        command_prefix: Run the node under this command, e.g. ``["ip", "netns", "exec", NS]``
+            to serve from another network namespace; it must exec the node, not fork it, so
+            that stopping this process stops the node.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class TeacherNodeProcess:
         address: str = "127.0.0.1:0",
         threads: int | None = None,
         extra: str = "",
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,7 @@ class TeacherNodeProcess:
                 Path(package), self.address_file, pki, address=address, threads=threads, extra=extra
             )
         )
+        self.command_prefix = list(command_prefix)
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
 
@@ -91,6 +97,7 @@ class TeacherNodeProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
+                *self.command_prefix,
                 sys.executable,
                 "-m",
                 "cdfkd.coordinator.cli",
