@@ -161,6 +161,72 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cdfkd.student_node.export import Aggregation, ExportFormat, export_student
+
+    # The ONNX exporter warns once per torchvision operator it skips; this project has none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    result = export_student(
+        Path(args.student), ExportFormat(args.format), Aggregation(args.aggregate), Path(args.out)
+    )
+    logger.info(
+        "wrote %s (%s, %s): %.1f KiB, %s parameters",
+        result.path,
+        result.format,
+        result.aggregation,
+        result.size_bytes / 1024,
+        f"{result.parameters:,}",
+    )
+    print(json.dumps(result.to_json()))
+    return ExitCode.OK
+
+
+def _cmd_flower_run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cdfkd.coordinator.flower.server_app import AGGREGATOR_FILE
+    from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
+
+    out = Path(args.out).resolve()
+    settings = FederatedAttentionSettings.from_flat(
+        {
+            "student-dir": str(Path(args.student).resolve()),
+            "out-dir": str(out),
+            "dataset": args.dataset,
+            "data-path": str(args.data_path or ""),
+            "num-owners": args.owners,
+            "partition": args.partition,
+            "alpha": args.alpha,
+            "shard-seed": args.shard_seed,
+            "samples-per-owner": args.samples_per_owner,
+            "rounds": args.rounds,
+            "local-epochs": args.local_epochs,
+        }
+    )
+    if args.runtime == "simulation":
+        from cdfkd.coordinator.flower.simulation import simulate
+
+        summary = simulate(settings)
+    else:
+        from cdfkd.coordinator.flower.deployment import FlowerTls, run_local_deployment
+
+        if args.pki is None:
+            raise ConfigError("--runtime deployment needs --pki DIR (see 'cdfkd pki dev')")
+        pki = Path(args.pki)
+        tls = FlowerTls(ca=pki / "ca.pem", cert=pki / "server.pem", key=pki / "server.key")
+        for path in (tls.ca, tls.cert, tls.key):
+            if not path.is_file():
+                raise ConfigError(
+                    f"--pki {pki}: {path.name} is missing ('cdfkd pki dev' writes it)"
+                )
+        summary = run_local_deployment(settings, tls, out / "deployment")
+    if args.install:
+        shutil.copyfile(out / AGGREGATOR_FILE, settings.student_dir / AGGREGATOR_FILE)
+        logger.info("federated attention installed into %s", settings.student_dir)
+    print(json.dumps(summary, indent=2))
+    return ExitCode.OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cdfkd.coordinator.demo import run_demo
     from cdfkd.teacher_node.datasets import DatasetName
@@ -279,6 +345,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    export = commands.add_parser(
+        "export", help="write a trained student as one ONNX or TorchScript file for inference"
+    )
+    export.add_argument(
+        "--student",
+        required=True,
+        help="the 'student' folder in the output of 'cdfkd train' or 'cdfkd demo'",
+    )
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument(
+        "--aggregate",
+        default="mean",
+        choices=["mean", "attention"],
+        help="combine the headers by their mean or by the trained attention module",
+    )
+    export.add_argument("--out", required=True, help="file to write")
+    export.set_defaults(handler=_cmd_export)
+
+    flower = commands.add_parser(
+        "flower", help="what must be federated: attention training and evaluation, with Flower"
+    )
+    flower_commands = flower.add_subparsers(dest="flower_command", required=True)
+    flower_run = flower_commands.add_parser(
+        "run",
+        help="train the attention by FedAvg on each owner's k samples and evaluate on each "
+        "owner's test split",
+    )
+    flower_run.add_argument("--student", required=True, help="the 'student' folder of a run")
+    flower_run.add_argument("--out", required=True, help="folder for flower.json and the module")
+    flower_run.add_argument(
+        "--runtime",
+        default="simulation",
+        choices=["simulation", "deployment"],
+        help="a Flower simulation, or a SuperLink and one SuperNode per owner as processes "
+        "on loopback with TLS (needs --pki)",
+    )
+    flower_run.add_argument("--pki", type=Path, help="'cdfkd pki dev' folder (deployment)")
+    flower_run.add_argument(
+        "--dataset", default="fashion_mnist", choices=["fashion_mnist", "digits"]
+    )
+    flower_run.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
+    flower_run.add_argument("--owners", type=int, default=3, help="organizations (SuperNodes)")
+    flower_run.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
+    flower_run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    flower_run.add_argument("--shard-seed", type=int, default=0)
+    flower_run.add_argument("--samples-per-owner", type=int, default=20, help="k per owner")
+    flower_run.add_argument("--rounds", type=int, default=10)
+    flower_run.add_argument("--local-epochs", type=int, default=20)
+    flower_run.add_argument(
+        "--install",
+        action="store_true",
+        help="put the federated attention module into the student folder (used by evaluate "
+        "and export --aggregate attention)",
+    )
+    flower_run.set_defaults(handler=_cmd_flower_run)
 
     demo = commands.add_parser(
         "demo", help="end to end: three owners' teachers on Fashion-MNIST distilled with CDFKD-MFS"

@@ -3,8 +3,10 @@
 1. A development PKI (``DIR/pki``); three owners' LeNet-5-BN teachers trained on disjoint
    thirds of the data (cached under ``DIR/teachers``).
 2. Three teacher nodes as separate processes with mutual TLS on loopback (``DIR/nodes``).
-3. ``federation check`` over them; then CDFKD-MFS as a Ray job on an embedded local Ray, the
-   attention on k = 60 real samples, evaluation, ``DIR/summary.json`` and the report.
+3. ``federation check`` over them; then CDFKD-MFS as a Ray job on an embedded local Ray,
+   evaluation, ``DIR/summary.json`` and the report.
+4. The attention module trained by FedAvg in a Flower simulation, each owner on its own 20
+   real samples, and the student evaluated on each owner's own test split (``DIR/flower``).
 
 Every process started here is stopped on the way out, also on error or Ctrl-C.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from contextlib import ExitStack
@@ -24,7 +27,7 @@ from cdfkd.coordinator.errors import FederationCheckFailed
 from cdfkd.coordinator.federation import check_federation, format_table
 from cdfkd.coordinator.nodes import TeacherNodeProcess
 from cdfkd.coordinator.ray_driver import train_on_ray
-from cdfkd.coordinator.training_run import CHECKPOINT_DIR
+from cdfkd.coordinator.training_run import CHECKPOINT_DIR, STUDENT_DIR
 from cdfkd.student_node.checkpoint import latest_checkpoint
 from cdfkd.student_node.config import GeneratorConfig, Method, OptimizerConfig, TrainConfig
 from cdfkd.student_node.models.aggregator import AttentionConfig
@@ -149,26 +152,68 @@ def run_demo(
             )
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
         result = train_on_ray(config, out, resume=resume, stop_event=stop_event)
+    if stop_event is not None and stop_event.is_set():
+        flower = None  # interrupted: the checkpoint is written, the student is not final
+    else:
+        # After the Ray job: Flower's simulation starts (and stops) its own Ray.
+        flower = _federated_attention(out, quick, dataset, data_path)
     summary = {
         **result,
         "quick": quick,
         "dataset": dataset.value,
         "teacher_nodes": addresses,
         "teacher_packages": [str(p) for p in packages],
+        "federated": flower,
+        "student_accuracy_attention_federated": None
+        if flower is None
+        else flower["accuracy_attention"],
         "teacher_seconds": round(teacher_seconds, 2),
         "total_seconds": round(time.monotonic() - started, 2),
         "report": str(out / "report.md"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
-        "demo done in %.0f s: student %.2f %% (mean of headers), attention %s; teachers %s; "
-        "report %s",
+        "demo done in %.0f s: student %.2f %% (mean of headers), attention %s "
+        "(federated, Flower); teachers %s; report %s",
         summary["total_seconds"],
         100 * result["student_accuracy_mean"],
-        "n/a"
-        if result["student_accuracy_attention"] is None
-        else f"{100 * result['student_accuracy_attention']:.2f} %",
+        "n/a" if flower is None else f"{100 * flower['accuracy_attention']:.2f} %",
         [round(100 * a, 2) for a in result["teacher_accuracies"]],
         out / "report.md",
     )
     return summary
+
+
+def _federated_attention(
+    out: Path, quick: bool, dataset: DatasetName, data_path: Path | None
+) -> dict[str, Any]:
+    """Federated attention (Flower simulation, FedAvg) installed into the student.
+
+    Each owner trains on its own k samples and evaluates on its own test split.
+    """
+    from cdfkd.coordinator.flower.server_app import AGGREGATOR_FILE
+    from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
+    from cdfkd.coordinator.flower.simulation import simulate
+
+    settings = FederatedAttentionSettings(
+        student_dir=out / STUDENT_DIR,
+        out_dir=out / "flower",
+        dataset=dataset,
+        data_path=data_path,
+        num_owners=NUM_OWNERS,  # the owners of the teachers, with the same IID shards
+        samples_per_owner=ATTENTION_SAMPLES // NUM_OWNERS,
+        rounds=5 if quick else 10,
+        local_epochs=20,
+    )
+    summary = simulate(settings)
+    shutil.copyfile(settings.out_dir / AGGREGATOR_FILE, settings.student_dir / AGGREGATOR_FILE)
+    for owner in summary["owners"]:
+        logger.info(
+            "organization %d: %.2f %% mean of headers, %.2f %% federated attention on its %d "
+            "test images",
+            owner["owner"],
+            100 * owner["accuracy_mean"],
+            100 * owner["accuracy_attention"],
+            owner["test_samples"],
+        )
+    return {k: summary[k] for k in ("accuracy_mean", "accuracy_attention", "owners")}

@@ -28,3 +28,7 @@ class RunInterrupted(CdfkdError):
 
 class FederationCheckFailed(CdfkdError):
     """A teacher node is unreachable, untrusted or incompatible (exit code 3)."""
+
+
+class FlowerRunFailed(CdfkdError):
+    """A Flower run (simulation or deployment runtime) did not finish (exit code 1)."""

@@ -221,3 +221,27 @@ def stratified_sample(labels: Tensor, count: int, seed: int) -> Tensor:
                 chosen.append(int(members[rank]))
         rank += 1
     return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def mirrored_shards(
+    train_labels: Tensor, train_shards: list[Tensor], test_labels: Tensor
+) -> list[Tensor]:
+    """Cut ``test_labels`` into disjoint shards whose class mix mirrors ``train_shards``.
+
+    Each class of the test set is split over the owners in proportion to how many training
+    samples of that class each owner holds, so an owner's private test split is skewed the way
+    its private training data is (label-skewed owners then show where a model is weak for them).
+    """
+    shards: list[list[Tensor]] = [[] for _ in train_shards]
+    for label in torch.unique(test_labels).tolist():
+        members = torch.nonzero(test_labels == label).flatten()
+        held = torch.tensor(
+            [int((train_labels[shard] == label).sum()) for shard in train_shards],
+            dtype=torch.float64,
+        )
+        if held.sum() == 0:
+            held = torch.ones_like(held)
+        cuts = (torch.cumsum(held, 0)[:-1] / held.sum() * len(members)).round().long().tolist()
+        for shard, part in zip(shards, torch.tensor_split(members, cuts), strict=True):
+            shard.append(part)
+    return [torch.cat(parts).sort().values for parts in shards]

@@ -88,6 +88,14 @@ def test_demo_runs_the_whole_system_and_leaves_nothing_behind(tmp_path: Path) ->
     assert summary["student_accuracy_mean"] > 0.5
     assert (out / "report.md").is_file()
     assert "federation check" in stderr
+    # Flower: the attention trained by FedAvg on the owners' samples, evaluated per owner.
+    federated = summary["federated"]
+    assert [o["owner"] for o in federated["owners"]] == [0, 1, 2]
+    assert federated["accuracy_mean"] == pytest.approx(summary["student_accuracy_mean"], abs=1e-9)
+    assert federated["accuracy_attention"] > 0.5
+    assert (out / "student" / "aggregator.safetensors").read_bytes() == (
+        out / "flower" / "aggregator.safetensors"
+    ).read_bytes()
     assert not _processes_mentioning(str(out))
     assert set(_ray_processes()) <= before
 
