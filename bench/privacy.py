@@ -156,7 +156,9 @@ def main() -> None:
     report = {"budget_images_per_teacher": budget, "directions": DIRECTIONS, "rows": rows}
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python bench/privacy.py --out {args.out}" + (" --quick" if args.quick else "")
+    command = f"python bench/privacy.py --out {args.out}" + (
+        " --quick" if args.quick else f" --budget-iterations {args.budget_iterations}"
+    )
     lines = [
         f"\n### Privacy against utility, {stamp}\n",
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
