@@ -284,7 +284,9 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py --out {args.out}"
-        f"{' --quick' if args.quick else f' --budget-min {args.budget_min:g}'}`; "
+        f"{' --quick' if args.quick else f' --budget-min {args.budget_min:g}'}"
+        f"{f' --hetero-budget-min {args.hetero_budget_min:g}' if args.hetero_budget_min else ''}"
+        f"{' --reuse' if args.reuse else ''}`; "
         f"{torch.get_num_threads()} CPU threads, device cpu.\n\n"
     )
     with RESULTS.open("a") as handle:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,24 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as TOML to ``path``."""
     path.write_text(to_toml(data))
     return path
+
+
+def run_when(
+    condition: Callable[[], bool],
+    action: Callable[[], None],
+    timeout_s: float,
+    poll_s: float = 0.05,
+) -> threading.Thread:
+    """Run ``action`` in a daemon thread once ``condition()`` holds; give up after ``timeout_s``."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

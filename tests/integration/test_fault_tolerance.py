@@ -20,7 +20,7 @@ from cdfkd.coordinator.ray_driver import train_on_ray
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.checkpoint import list_checkpoints
 from tests.coordinator.test_ray_driver import same, student_weights
-from tests.helpers import packages, small_run, write_toml
+from tests.helpers import packages, run_when, small_run, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -43,18 +43,11 @@ def _remote_entries(addresses: list[str], pki, **remote: object) -> list[dict]:
 def _when_checkpoint(
     directory: Path, at_least: int, action, timeout: float = 300
 ) -> threading.Thread:
-    def watch() -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = list_checkpoints(directory)
-            if found and int(found[-1].stem.split("-")[1]) >= at_least:
-                action()
-                return
-            time.sleep(0.05)
+    def reached() -> bool:
+        found = list_checkpoints(directory)
+        return bool(found) and int(found[-1].stem.split("-")[1]) >= at_least
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return run_when(reached, action, timeout)
 
 
 def test_a_teacher_node_killed_and_restarted_mid_run(

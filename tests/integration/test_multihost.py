@@ -39,7 +39,7 @@ from cdfkd.student_node.errors import TeacherUnavailable
 from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig
 from cdfkd.teacher_node.pki import DevPki, Identity, create_ca, issue
 from tests.coordinator.test_ray_driver import same, student_weights
-from tests.helpers import packages, small_run, write_toml
+from tests.helpers import packages, run_when, small_run, write_toml
 
 # Generous: the first test's set-up also trains the session's digits teachers when this module
 # runs alone; each test itself takes under a minute on two cores.
@@ -188,19 +188,12 @@ def _train(config: Path, out: Path, *flags: str) -> int:
 
 def _after_iterations(out: Path, count: int, action: Callable[[], None]) -> threading.Thread:
     """Run ``action`` in a thread once ``out/metrics.jsonl`` records ``count`` iterations."""
+    metrics = out / "metrics.jsonl"
 
-    def watch() -> None:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if metrics.exists() and metrics.read_text().count('"type": "iteration"') >= count:
-                action()
-                return
-            time.sleep(0.02)
+    def reached() -> bool:
+        return metrics.exists() and metrics.read_text().count('"type": "iteration"') >= count
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return run_when(reached, action, timeout_s=120, poll_s=0.02)
 
 
 def test_a_run_across_three_hosts_with_mutual_tls(
