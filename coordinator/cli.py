@@ -203,6 +203,9 @@ def _cmd_flower_run(args: argparse.Namespace) -> int:
             "local-epochs": args.local_epochs,
         }
     )
+    from cdfkd.student_node.artifact import load_student
+
+    load_student(settings.student_dir)  # a missing or unreadable student: exit 2 before Flower
     if args.runtime == "simulation":
         from cdfkd.coordinator.flower.simulation import simulate
 

@@ -102,6 +102,20 @@ def test_settings_round_trip_and_name_bad_keys(tmp_path: Path) -> None:
     assert merged == {"rounds": 3, "student-dir": "/b"}  # a node sets its paths, not the run
 
 
+def test_cli_refuses_a_missing_student_and_a_deployment_without_pki(
+    digits_student: Path, tmp_path: Path
+) -> None:
+    from cdfkd.coordinator.cli import main
+
+    missing = ["flower", "run", "--student", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    assert main(missing) == 2
+    no_pki = ["flower", "run", "--runtime", "deployment", "--student", str(digits_student)]
+    assert main([*no_pki, "--out", str(tmp_path / "o")]) == 2
+    bad = ["flower", "run", "--student", str(digits_student), "--rounds", "0"]
+    assert main([*bad, "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o" / "flower.json").exists()
+
+
 def test_owner_test_splits_partition_and_mirror_the_training_skew() -> None:
     train = load_dataset(DatasetName.DIGITS, Split.TRAIN)
     test = load_dataset(DatasetName.DIGITS, Split.TEST)
