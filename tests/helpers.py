@@ -85,3 +85,33 @@ def run_when(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def expired_client_credentials(identities: Any, common_name: str) -> Any:
+    """gRPC channel credentials with a client certificate from ``identities``' CA that expired.
+
+    Args:
+        identities: A ``DevPki`` (its ``ca`` signs the certificate and is trusted).
+        common_name: The caller identity the certificate names.
+    """
+    import datetime
+
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from cdfkd.teacher_node.pki import issue
+
+    ca_key = serialization.load_pem_private_key(identities.ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(identities.ca.cert.read_bytes())
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    key, cert = issue(ca_key, ca_cert, common_name, client=True, valid_from=past, valid_days=1)
+    return grpc.ssl_channel_credentials(
+        root_certificates=identities.ca.cert.read_bytes(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
+    )

@@ -6,20 +6,17 @@ traceback.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 
 import grpc
 import torch
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import encode
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.remote import open_channel
-from cdfkd.teacher_node.pki import issue
 from tests.conftest import client_config
+from tests.helpers import expired_client_credentials
 from tests.teacher_node.test_service import BAD_REQUESTS
 
 SHAPE = (1, 16, 16)
@@ -222,20 +219,7 @@ CORPUS = TRANSPORT + IDENTITY + POLICY_CASES + MORE_TENSORS + TENSORS
 
 
 def _expired_credentials(pki) -> grpc.ChannelCredentials:
-    trusted = pki["trusted"]
-    ca_key = serialization.load_pem_private_key(trusted.ca.key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(trusted.ca.cert.read_bytes())
-    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
-    key, cert = issue(ca_key, ca_cert, "student", client=True, valid_from=past, valid_days=1)
-    return grpc.ssl_channel_credentials(
-        root_certificates=trusted.ca.cert.read_bytes(),
-        private_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
-    )
+    return expired_client_credentials(pki["trusted"], "student")
 
 
 def _channel(address: str, pki, caller: str) -> grpc.Channel:

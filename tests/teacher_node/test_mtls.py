@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-
 import grpc
 import pytest
 import torch
@@ -12,6 +10,7 @@ from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.student_node.errors import TeacherUnavailable
 from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig
 from tests.conftest import client_config
+from tests.helpers import expired_client_credentials
 
 
 def _query_ok(address: str, pki) -> None:
@@ -86,26 +85,9 @@ def test_a_server_from_an_unknown_ca_is_not_trusted_by_the_student(inprocess_nod
 
 
 def test_an_expired_client_certificate_is_refused(inprocess_node, dev_pki, tmp_path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    from cdfkd.teacher_node.pki import issue
 
     address = inprocess_node()
-    trusted = dev_pki["trusted"]
-    ca_key = serialization.load_pem_private_key(trusted.ca.key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(trusted.ca.cert.read_bytes())
-    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
-    key, cert = issue(ca_key, ca_cert, "expired", client=True, valid_from=past, valid_days=1)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=trusted.ca.cert.read_bytes(),
-        private_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
-    )
+    credentials = expired_client_credentials(dev_pki["trusted"], "expired")
     assert _metadata_call(grpc.secure_channel(address, credentials)) == grpc.StatusCode.UNAVAILABLE
     _query_ok(address, dev_pki)
 
