@@ -1,6 +1,7 @@
 """Quality benchmark: every method gets the same wall-clock budget on the same machine.
 
-    python bench/quality.py --out DIR [--budget-min M] [--quick]
+    python bench/quality.py --out DIR [--budget-min M] [--quick] [--reuse]
+        [--train JSON] [--decay-at FRACTION ...] [--schedule step|cosine]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST (cached in DIR/teachers); each
 method trains from scratch for the budget and is evaluated on the full test split. Writes
@@ -11,17 +12,21 @@ heterogeneous federation (LeNet-5-BN + two different ResNets) unless --no-hetero
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
+import math
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdfkd.coordinator.config import PackageTeacher, RunConfig, RunSettings
+from cdfkd.coordinator.config import PackageTeacher, RunConfig, RunSettings, dump_run_config
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.config import Method, TrainConfig
 from cdfkd.teacher_node.package import read_metadata
@@ -106,13 +111,43 @@ class WallClockSchedule:
             self.decayed_at.append(metrics.iteration)
 
 
-def reused_run(run_dir: Path, budget_s: float) -> dict[str, Any] | None:
-    """A finished run's figures from its `result.json`, if it ran its whole budget."""
+class WallClockCosine:
+    """Sets both learning rates to ``base * (floor + (1 - floor) * (1 + cos(pi t / T)) / 2)``.
+
+    t is the elapsed and T the budgeted wall-clock time, so the rates reach ``floor * base`` as
+    the budget runs out, whatever the iteration count turns out to be.
+    """
+
+    def __init__(self, budget_s: float, floor: float = 0.01) -> None:
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+        self.floor = floor
+        self.base: dict[int, float] = {}
+        self.decayed_at: list[int] = []  # no steps: the rates change every iteration
+
+    def __call__(self, state, metrics) -> None:  # noqa: D102 - a TrainCallback
+        progress = min(1.0, (time.monotonic() - self.started) / self.budget_s)
+        factor = self.floor + (1 - self.floor) * (1 + math.cos(math.pi * progress)) / 2
+        for optimizer in (state.student_optimizer, state.generator_optimizer):
+            for group in optimizer.param_groups:
+                base = self.base.setdefault(id(group), group["lr"])
+                group["lr"] = base * factor
+
+
+def reused_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
+    """A finished run's figures from its `result.json`, if it ran its whole budget with ``config``.
+
+    The schedule is a callback, not part of the config: ``--reuse`` trusts the caller there.
+    """
     path = run_dir / "result.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    if saved["train_seconds"] < 0.98 * budget_s:
+    if saved["train_seconds"] < 0.98 * (config.run.max_seconds or 0.0):
+        return None
+    ran = json.loads((run_dir / "config.json").read_text())["train"]
+    if ran != json.loads(dump_run_config(config))["train"]:
+        logger.info("%s: not reusing %s, it ran other settings", saved["method"], run_dir)
         return None
     logger.info("%s: reusing the finished run in %s", saved["method"], run_dir)
     return {
@@ -130,14 +165,31 @@ def reused_run(run_dir: Path, budget_s: float) -> dict[str, Any] | None:
     }
 
 
-def run_method(
-    method: Method, packages: list[Path], budget_s: float, out: Path, reuse: bool = False
-) -> dict[str, Any]:
-    if reuse and (saved := reused_run(out / method.value, budget_s)) is not None:
-        return saved
-    train = TrainConfig.model_validate(
-        {**BASE_TRAIN, "method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
-    )
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_tables else value
+    return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How every method of one federation runs."""
+
+    budget_s: float
+    reuse: bool = False
+    #: Merged into ``BASE_TRAIN`` for every method (``--train``).
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fractions: tuple[float, ...] = MILESTONE_FRACTIONS
+    #: "step" (x0.1 at ``fractions``) or "cosine" (over the budget).
+    schedule: str = "step"
+
+
+def run_method(method: Method, packages: list[Path], out: Path, plan: Plan) -> dict[str, Any]:
+    budget_s = plan.budget_s
+    fixed = {"method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
+    train = TrainConfig.model_validate(_merged(_merged(BASE_TRAIN, plan.overrides), fixed))
     config = RunConfig(
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train,
@@ -145,10 +197,17 @@ def run_method(
             device="cpu", max_seconds=budget_s, checkpoint_every=10**6, eval_every=50, log_every=50
         ),
     )
-    schedule = WallClockSchedule(budget_s, MILESTONE_FRACTIONS)
-    logger.info(
-        "%s: %.0f s, learning rates x0.1 at %s of it", method.value, budget_s, MILESTONE_FRACTIONS
-    )
+    if plan.reuse and (saved := reused_run(out / method.value, config)) is not None:
+        return saved
+    schedule: WallClockSchedule | WallClockCosine
+    if plan.schedule == "cosine":
+        schedule = WallClockCosine(budget_s)
+        logger.info("%s: %.0f s, cosine learning rates", method.value, budget_s)
+    else:
+        schedule = WallClockSchedule(budget_s, plan.fractions)
+        logger.info(
+            "%s: %.0f s, learning rates x0.1 at %s of it", method.value, budget_s, plan.fractions
+        )
     result = run_training(config, out / method.value, callbacks=[schedule])
     return {
         "mean": result.student.mean,
@@ -168,18 +227,17 @@ def federation(
     name: str,
     jobs: list[TeacherJob],
     methods: list[Method],
-    budget_s: float,
     out: Path,
-    reuse: bool = False,
+    plan: Plan,
 ) -> dict[str, Any]:
     packages = ensure_teachers(out / "teachers", jobs)
-    runs = {m.value: run_method(m, packages, budget_s, out / name, reuse) for m in methods}
+    runs = {m.value: run_method(m, packages, out / name, plan) for m in methods}
     any_run = next(iter(runs.values()))
     summary: dict[str, Any] = {
         "teachers": any_run["teachers"],
         "teacher_names": [read_metadata(p).name for p in packages],
         "teacher_ensemble": any_run["teacher_ensemble"],
-        "budget_s": budget_s,
+        "budget_s": plan.budget_s,
         "methods": {},
         "runs": runs,
     }
@@ -248,6 +306,27 @@ def main() -> None:
         action="store_true",
         help="keep runs under --out that ran their whole budget (resume a bench)",
     )
+    parser.add_argument(
+        "--train",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="TrainConfig values merged over the bench defaults, e.g. '{\"batch_size\": 64}'",
+    )
+    parser.add_argument(
+        "--decay-at",
+        type=float,
+        nargs="+",
+        default=list(MILESTONE_FRACTIONS),
+        metavar="FRACTION",
+        help="fractions of the budget where both learning rates drop x0.1",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["step", "cosine"],
+        default="step",
+        help="step: x0.1 at --decay-at; cosine: cosine decay over each budget",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -255,8 +334,9 @@ def main() -> None:
     methods = [Method(m) for m in args.methods]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    plan = Plan(budget, args.reuse, args.train, tuple(args.decay_at), args.schedule)
     result = federation(
-        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, budget, args.out, args.reuse
+        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, args.out, plan
     )
     report = {**{k: v for k, v in result.items() if k != "teacher_names"}}
     tables = [markdown("Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST", result)]
@@ -266,9 +346,8 @@ def main() -> None:
             "heterogeneous",
             heterogeneous_jobs(args.teacher_epochs),
             methods,
-            hetero_budget,
             args.out,
-            args.reuse,
+            dataclasses.replace(plan, budget_s=hetero_budget),
         )
         report["heterogeneous"] = hetero
         tables.append(
@@ -279,15 +358,21 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
+    report["settings"] = _merged(BASE_TRAIN, plan.overrides)
+    report["schedule"] = {"kind": plan.schedule, "decay_at": list(plan.fractions)}
     report["total_seconds"] = round(time.monotonic() - started, 1)
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    schedule_words = (
+        "cosine over each budget"
+        if plan.schedule == "cosine"
+        else f"x0.1 at {', '.join(f'{f:.3g}' for f in plan.fractions)} of each budget"
+    )
     header = (
-        f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py --out {args.out}"
-        f"{' --quick' if args.quick else f' --budget-min {args.budget_min:g}'}"
-        f"{f' --hetero-budget-min {args.hetero_budget_min:g}' if args.hetero_budget_min else ''}"
-        f"{' --reuse' if args.reuse else ''}`; "
-        f"{torch.get_num_threads()} CPU threads, device cpu.\n\n"
+        f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py {shlex.join(sys.argv[1:])}`; "
+        f"{torch.get_num_threads()} CPU threads, device cpu. Learning rates "
+        f"{schedule_words}; "
+        f"settings: `{json.dumps(_merged(BASE_TRAIN, plan.overrides))}`.\n\n"
     )
     with RESULTS.open("a") as handle:
         handle.write(header + "\n".join(tables))

@@ -134,6 +134,8 @@ def init_state(
         generator = Generator(
             config.generator.latent_dim, infos[0].input_shape, config.generator.width
         ).to(device)
+        # NHWC weights make its convolutions about twice as fast on CPU (bench/RESULTS.md).
+        generator = generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = config.optimizer
     student_optimizer = torch.optim.SGD(
         student.parameters(),

@@ -8,6 +8,7 @@ the classes they care about.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
 from cdfkd.teacher_node.datasets import (
+    ImageDataset,
     Normalization,
     Split,
     dirichlet_shards,
@@ -36,12 +38,11 @@ class OwnerData:
     test_labels: Tensor
 
 
-def owner_data(
-    settings: FederatedAttentionSettings, owner: int, normalization: Normalization
-) -> OwnerData:
-    """Organization ``owner``'s k samples (from its training shard) and its test split."""
-    if not 0 <= owner < settings.num_owners:
-        raise ValueError(f"owner {owner} is out of range for {settings.num_owners} owners")
+@functools.lru_cache(maxsize=1)  # one federation per process; a data set is large
+def _owner_parts(
+    settings: FederatedAttentionSettings,
+) -> tuple[ImageDataset, ImageDataset, list[Tensor], list[Tensor]]:
+    """Train and test sets with every owner's training shard and test part, cut once per process."""
     train = load_dataset(settings.dataset, Split.TRAIN, settings.data_path)
     test = load_dataset(settings.dataset, Split.TEST, settings.data_path)
     if settings.num_owners == 1:
@@ -52,7 +53,17 @@ def owner_data(
         train_shards = dirichlet_shards(
             train.labels, settings.num_owners, settings.alpha, settings.shard_seed
         )
-    test_part = mirrored_shards(train.labels, train_shards, test.labels)[owner]
+    return train, test, train_shards, mirrored_shards(train.labels, train_shards, test.labels)
+
+
+def owner_data(
+    settings: FederatedAttentionSettings, owner: int, normalization: Normalization
+) -> OwnerData:
+    """Organization ``owner``'s k samples (from its training shard) and its test split."""
+    if not 0 <= owner < settings.num_owners:
+        raise ValueError(f"owner {owner} is out of range for {settings.num_owners} owners")
+    train, test, train_shards, test_parts = _owner_parts(settings)
+    test_part = test_parts[owner]
     shard = train.subset(train_shards[owner])
     chosen = stratified_sample(
         shard.labels, settings.samples_per_owner, seed=settings.seed * 1000 + owner
