@@ -77,7 +77,7 @@ def main() -> None:
     results: dict[str, Any] = {"ray_startup_s": round(startup, 2)}
     try:
         started = time.perf_counter()
-        actor = RemoteLoop.remote(packages)
+        actor: Any = RemoteLoop.remote(packages)  # type: ignore[attr-defined]
         ray.get(actor.block.remote(0))
         results["actor_startup_s"] = round(time.perf_counter() - started, 2)
         local = Loop(packages)
@@ -85,7 +85,7 @@ def main() -> None:
         for index in range(rounds):
             driver_seconds += local.block(per_block)
             sent = time.perf_counter()
-            worker_seconds += ray.get(actor.block.remote(per_block))
+            worker_seconds += float(ray.get(actor.block.remote(per_block)))
             worker_round_trip += time.perf_counter() - sent
             logger.info(
                 "round %d: driver %.1f s, worker %.1f s", index + 1, driver_seconds, worker_seconds

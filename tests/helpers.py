@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor, nn
+
 #: A distillation small enough for tests: 3 iterations per epoch of batch 32 on 16x16 digits.
 SMALL_TRAIN: dict[str, Any] = {
     "batch_size": 32,
@@ -115,3 +117,22 @@ def expired_client_credentials(identities: Any, common_name: str) -> Any:
         ),
         certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
     )
+
+
+def running_stats(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm layer's running mean and variance, checked to be tracked."""
+    mean, var = layer.running_mean, layer.running_var
+    assert isinstance(mean, Tensor), f"{layer} tracks no running mean"
+    assert isinstance(var, Tensor), f"{layer} tracks no running variance"
+    return mean, var
+
+
+def randomize_running_stats(
+    model: nn.Module, mean_bound: float, var_range: tuple[float, float]
+) -> None:
+    """Non-trivial running statistics in every BatchNorm layer, as a trained teacher has."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            mean, var = running_stats(module)
+            mean.uniform_(-mean_bound, mean_bound)
+            var.uniform_(*var_range)

@@ -143,9 +143,12 @@ def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> Non
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CI": "true"}
     )
     killed = threading.Event()
-    watcher = _when_checkpoint(
-        out / "checkpoints", 6, lambda: (os.kill(process.pid, signal.SIGKILL), killed.set())
-    )
+
+    def kill() -> None:
+        os.kill(process.pid, signal.SIGKILL)
+        killed.set()
+
+    watcher = _when_checkpoint(out / "checkpoints", 6, kill)
     process.communicate(timeout=300)
     watcher.join(timeout=5)
     assert killed.is_set()

@@ -21,6 +21,7 @@ from cdfkd.student_node.trainer import generator_step, init_state
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+from tests.helpers import randomize_running_stats, running_stats
 
 SHAPE = (1, 16, 16)
 
@@ -37,10 +38,7 @@ def _teacher_models() -> list[nn.Module]:
     for seed, spec in enumerate(specs):
         torch.manual_seed(seed)
         model = build_classifier(spec).double()
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 1.5)
+        randomize_running_stats(model, 0.3, (0.5, 1.5))
         models.append(model.eval())
     return models
 
@@ -72,8 +70,8 @@ def _reference_loss(
             x = inputs[k]
             dims = [d for d in range(x.dim()) if d != 1]
             prior = prior + (5.0 if k == 0 else 1.0) * (
-                torch.linalg.vector_norm(x.mean(dims) - layer.running_mean)
-                + torch.linalg.vector_norm(x.var(dims, unbiased=False) - layer.running_var)
+                torch.linalg.vector_norm(x.mean(dims) - running_stats(layer)[0])
+                + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_stats(layer)[1])
             )
         priors.append(prior)
     bn = sum(weights.bn * r / n for r in priors)

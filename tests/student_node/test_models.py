@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -17,7 +19,8 @@ def _infos(dims: list[int], shape: tuple[int, int, int] = (1, 32, 32)) -> list[T
     return [TeacherInfo(f"t{i}", shape, 10, d, (0.0,), (1.0,)) for i, d in enumerate(dims)]
 
 
-def _student(kind: StudentKind, dims: list[int], **kwargs) -> torch.nn.Module:
+def _student(kind: StudentKind, dims: list[int], **kwargs) -> Any:
+    """The student of ``kind``; typed Any so that tests may reach into its kind's parts."""
     config = TrainConfig(student=StudentConfig(kind=kind, **kwargs))
     return build_student(config, _infos(dims))
 

@@ -10,6 +10,7 @@ from torch import nn
 from cdfkd.teacher_node.engine import TeacherEngine, bn_prior
 from cdfkd.teacher_node.errors import InvalidInput
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+from tests.helpers import randomize_running_stats, running_stats
 
 
 def _lenet(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -17,11 +18,7 @@ def _lenet(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     model = build_classifier(
         ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=10)
     ).to(dtype)
-    # Non-trivial running statistics, as a trained teacher has.
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    randomize_running_stats(model, 0.5, (0.5, 2.0))
     return model
 
 
@@ -52,9 +49,9 @@ def _reference_bn_prior(model: nn.Module, images: torch.Tensor) -> float:
         mean = inputs.mean(axis=axes)
         var = inputs.var(axis=axes)
         scale = 5.0 if index == 0 else 1.0
-        total += scale * (
-            np.linalg.norm(mean - layer.running_mean.numpy())
-            + np.linalg.norm(var - layer.running_var.numpy())
+        running_mean, running_var = running_stats(layer)
+        total += scale * float(
+            np.linalg.norm(mean - running_mean.numpy()) + np.linalg.norm(var - running_var.numpy())
         )
     return total
 
@@ -95,15 +92,17 @@ def test_input_grad_is_the_vjp_of_logits_plus_weighted_bn_prior() -> None:
         (5.0 if k == 0 else 1.0)
         * (
             torch.linalg.vector_norm(
-                x.mean(dim=[d for d in range(x.dim()) if d != 1]) - layer.running_mean
+                x.mean(dim=[d for d in range(x.dim()) if d != 1]) - running_stats(layer)[0]
             )
             + torch.linalg.vector_norm(
-                x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False) - layer.running_var
+                x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
+                - running_stats(layer)[1]
             )
         )
         for k, (layer, x) in enumerate(zip(layers, captured, strict=True))
     )
     ((logits * cotangent).sum() + 0.3 * prior).backward()
+    assert leaf.grad is not None
     assert torch.allclose(gradient, leaf.grad, atol=1e-12, rtol=0)
 
 
