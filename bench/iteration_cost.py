@@ -53,7 +53,7 @@ def part_costs(
 ) -> dict[str, float]:
     """Median ms of each part of an iteration at the config's batch size."""
     weights = config.loss_weights()
-    latent = trainer._sample_latent(state, config)
+    latent = torch.randn(config.batch_size, config.generator.latent_dim)
     with torch.no_grad():
         images = state.generator(latent)
     cotangent = torch.randn(images.shape[0], teachers[0].info().num_classes)

@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -183,13 +183,29 @@ class Plan:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     fractions: tuple[float, ...] = MILESTONE_FRACTIONS
     #: "step" (x0.1 at ``fractions``) or "cosine" (over the budget).
-    schedule: str = "step"
+    schedule: Literal["step", "cosine"] = "step"
+
+    def settings(self) -> dict[str, Any]:
+        """The training settings every method shares: ``BASE_TRAIN`` with the overrides."""
+        return _merged(BASE_TRAIN, self.overrides)
+
+    def learning_rates(self) -> str:
+        """How the learning rates move over a budget, in words."""
+        if self.schedule == "cosine":
+            return "cosine over each budget"
+        return f"x0.1 at {', '.join(f'{f:.3g}' for f in self.fractions)} of each budget"
+
+    def new_schedule(self) -> WallClockSchedule | WallClockCosine:
+        """A fresh wall-clock schedule callback for one run (it starts its clock now)."""
+        if self.schedule == "cosine":
+            return WallClockCosine(self.budget_s)
+        return WallClockSchedule(self.budget_s, self.fractions)
 
 
 def run_method(method: Method, packages: list[Path], out: Path, plan: Plan) -> dict[str, Any]:
     budget_s = plan.budget_s
     fixed = {"method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
-    train = TrainConfig.model_validate(_merged(_merged(BASE_TRAIN, plan.overrides), fixed))
+    train = TrainConfig.model_validate(_merged(plan.settings(), fixed))
     config = RunConfig(
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train,
@@ -199,15 +215,8 @@ def run_method(method: Method, packages: list[Path], out: Path, plan: Plan) -> d
     )
     if plan.reuse and (saved := reused_run(out / method.value, config)) is not None:
         return saved
-    schedule: WallClockSchedule | WallClockCosine
-    if plan.schedule == "cosine":
-        schedule = WallClockCosine(budget_s)
-        logger.info("%s: %.0f s, cosine learning rates", method.value, budget_s)
-    else:
-        schedule = WallClockSchedule(budget_s, plan.fractions)
-        logger.info(
-            "%s: %.0f s, learning rates x0.1 at %s of it", method.value, budget_s, plan.fractions
-        )
+    logger.info("%s: %.0f s, learning rates %s", method.value, budget_s, plan.learning_rates())
+    schedule = plan.new_schedule()
     result = run_training(config, out / method.value, callbacks=[schedule])
     return {
         "mean": result.student.mean,
@@ -358,21 +367,15 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
-    report["settings"] = _merged(BASE_TRAIN, plan.overrides)
+    report["settings"] = plan.settings()
     report["schedule"] = {"kind": plan.schedule, "decay_at": list(plan.fractions)}
     report["total_seconds"] = round(time.monotonic() - started, 1)
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    schedule_words = (
-        "cosine over each budget"
-        if plan.schedule == "cosine"
-        else f"x0.1 at {', '.join(f'{f:.3g}' for f in plan.fractions)} of each budget"
-    )
     header = (
         f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py {shlex.join(sys.argv[1:])}`; "
         f"{torch.get_num_threads()} CPU threads, device cpu. Learning rates "
-        f"{schedule_words}; "
-        f"settings: `{json.dumps(_merged(BASE_TRAIN, plan.overrides))}`.\n\n"
+        f"{plan.learning_rates()}; settings: `{json.dumps(plan.settings())}`.\n\n"
     )
     with RESULTS.open("a") as handle:
         handle.write(header + "\n".join(tables))

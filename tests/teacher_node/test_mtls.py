@@ -85,7 +85,6 @@ def test_a_server_from_an_unknown_ca_is_not_trusted_by_the_student(inprocess_nod
 
 
 def test_an_expired_client_certificate_is_refused(inprocess_node, dev_pki, tmp_path) -> None:
-
     address = inprocess_node()
     credentials = expired_client_credentials(dev_pki["trusted"], "expired")
     assert _metadata_call(grpc.secure_channel(address, credentials)) == grpc.StatusCode.UNAVAILABLE
