@@ -57,6 +57,8 @@ from cdfkd.teacher_node.metrics import accuracy  # noqa: E402
 
 logger = logging.getLogger("bench.attention_headroom")
 RESULTS = ROOT / "bench" / "RESULTS.md"
+#: What the shared scorer reads of each header's logits (the module docstring lists them).
+READINGS = ("logits", "log_softmax", "confidence", "log_softmax_mlp")
 
 
 def confidence(logits: Tensor) -> Tensor:
@@ -94,9 +96,6 @@ def new_module(reading: str, num_classes: int, seed: int) -> AttentionAggregator
     if reading == "logits":
         return AttentionAggregator(num_classes)
     return ReadingAttention(num_classes, reading)
-
-
-READINGS = ("logits", "log_softmax", "confidence", "log_softmax_mlp")
 
 
 def headroom(logits: Tensor, labels: Tensor) -> dict[str, Any]:
