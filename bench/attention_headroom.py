@@ -102,11 +102,10 @@ def headroom(logits: Tensor, labels: Tensor) -> dict[str, Any]:
     """Header, mean and oracle accuracies of header logits ``(N, B, K)``."""
     mean_right = logits.mean(dim=0).argmax(dim=1) == labels
     votes = logits.argmax(dim=2)
-    header_right = votes == labels
-    any_right = header_right.any(dim=0)
+    any_right = (votes == labels).any(dim=0)
     return {
         "headers": [accuracy(h, labels) for h in logits],
-        "mean": accuracy(logits.mean(dim=0), labels),
+        "mean": float(mean_right.double().mean()),
         "headers_disagree": float((votes != votes[0]).any(dim=0).float().mean()),
         "oracle_any_header_right": float(any_right.float().mean()),
         "some_header_right_mean_wrong": float((any_right & ~mean_right).float().mean()),
@@ -136,28 +135,31 @@ def main() -> None:
     logger.info("headroom: %s", report)
     config = AttentionConfig()
     for count in args.samples:
-        for reading in READINGS:
-            accuracies = []
-            for draw in range(args.draws):
-                chosen = stratified_sample(train_set.labels, count, seed=draw)
+        accuracies: dict[str, list[float]] = {reading: [] for reading in READINGS}
+        for draw in range(args.draws):
+            chosen = stratified_sample(train_set.labels, count, seed=draw)
+            sample_logits = header_logits(student, normalization.apply(train_set.images[chosen]))
+            for reading in READINGS:
                 module = new_module(reading, train_set.num_classes, draw)
                 train_attention(
                     module,
-                    header_logits(student, normalization.apply(train_set.images[chosen])),
+                    sample_logits,
                     train_set.labels[chosen],
                     config,
                     torch.Generator().manual_seed(draw),
                 )
                 module.eval()
                 with torch.no_grad():
-                    accuracies.append(accuracy(module(test_logits), test_set.labels))
-            report["attention"][f"{reading}@{count}"] = accuracies
-            logger.info("%s, k = %d: %s", reading, count, accuracies)
+                    accuracies[reading].append(accuracy(module(test_logits), test_set.labels))
+        for reading in READINGS:
+            report["attention"][f"{reading}@{count}"] = accuracies[reading]
+            logger.info("%s, k = %d: %s", reading, count, accuracies[reading])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention_headroom.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report, args)
     with RESULTS.open("a") as handle:
-        handle.write(markdown(report, args))
-    print(markdown(report, args))
+        handle.write(table)
+    print(table)
 
 
 def pct(value: float) -> str:
