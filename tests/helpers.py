@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 #: A distillation small enough for tests: 3 iterations per epoch of batch 32 on 16x16 digits.
@@ -136,3 +137,32 @@ def randomize_running_stats(
             mean, var = running_stats(module)
             mean.uniform_(-mean_bound, mean_bound)
             var.uniform_(*var_range)
+
+
+def reference_logits_and_bn_prior(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """A teacher's logits and its BN prior R(x) of METHOD.md 2, by plain autograd.
+
+    Written apart from the engine (forward hooks on the BatchNorm inputs, biased batch
+    variance, c_1 = 5 for the first layer, 1 otherwise) so that tests can check the engine.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    inputs: dict[int, Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0]))
+        for k, layer in enumerate(layers)
+    ]
+    try:
+        logits = model(images).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    prior = images.new_zeros(())
+    for k, layer in enumerate(layers):
+        x = inputs[k]
+        dims = [d for d in range(x.dim()) if d != 1]
+        running_mean, running_var = running_stats(layer)
+        prior = prior + (5.0 if k == 0 else 1.0) * (
+            torch.linalg.vector_norm(x.mean(dims) - running_mean)
+            + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
+        )
+    return logits, prior

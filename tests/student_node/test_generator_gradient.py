@@ -21,7 +21,7 @@ from cdfkd.student_node.trainer import generator_step, init_state
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
-from tests.helpers import randomize_running_stats, running_stats
+from tests.helpers import randomize_running_stats, reference_logits_and_bn_prior
 
 SHAPE = (1, 16, 16)
 
@@ -54,25 +54,8 @@ def _reference_loss(
     n = len(teachers)
     logits, priors = [], []
     for model in teachers:
-        layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        inputs: dict[int, torch.Tensor] = {}
-        handles = [
-            layer.register_forward_hook(
-                lambda m, i, o, k=k, store=inputs: store.__setitem__(k, i[0])
-            )
-            for k, layer in enumerate(layers)
-        ]
-        logits.append(model(images).logits)
-        for handle in handles:
-            handle.remove()
-        prior = images.new_zeros(())
-        for k, layer in enumerate(layers):
-            x = inputs[k]
-            dims = [d for d in range(x.dim()) if d != 1]
-            prior = prior + (5.0 if k == 0 else 1.0) * (
-                torch.linalg.vector_norm(x.mean(dims) - running_stats(layer)[0])
-                + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_stats(layer)[1])
-            )
+        teacher_logits, prior = reference_logits_and_bn_prior(model, images)
+        logits.append(teacher_logits)
         priors.append(prior)
     bn = sum(weights.bn * r / n for r in priors)
     match method:

@@ -10,7 +10,11 @@ from torch import nn
 from cdfkd.teacher_node.engine import TeacherEngine, bn_prior
 from cdfkd.teacher_node.errors import InvalidInput
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
-from tests.helpers import randomize_running_stats, running_stats
+from tests.helpers import (
+    randomize_running_stats,
+    reference_logits_and_bn_prior,
+    running_stats,
+)
 
 
 def _lenet(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -80,27 +84,7 @@ def test_input_grad_is_the_vjp_of_logits_plus_weighted_bn_prior() -> None:
     check_model = _lenet(torch.float64)
     check_model.load_state_dict(model.state_dict())
     check_model.eval()
-    captured: list[torch.Tensor] = []
-    layers = [m for m in check_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    handles = [
-        layer.register_forward_hook(lambda m, i, o: captured.append(i[0])) for layer in layers
-    ]
-    logits = check_model(leaf).logits
-    for handle in handles:
-        handle.remove()
-    prior = sum(
-        (5.0 if k == 0 else 1.0)
-        * (
-            torch.linalg.vector_norm(
-                x.mean(dim=[d for d in range(x.dim()) if d != 1]) - running_stats(layer)[0]
-            )
-            + torch.linalg.vector_norm(
-                x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
-                - running_stats(layer)[1]
-            )
-        )
-        for k, (layer, x) in enumerate(zip(layers, captured, strict=True))
-    )
+    logits, prior = reference_logits_and_bn_prior(check_model, leaf)
     ((logits * cotangent).sum() + 0.3 * prior).backward()
     assert leaf.grad is not None
     assert torch.allclose(gradient, leaf.grad, atol=1e-12, rtol=0)
