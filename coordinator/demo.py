@@ -68,7 +68,7 @@ def _teacher_jobs(quick: bool, dataset: DatasetName, data_path: Path | None) -> 
             data_path=data_path,
             shard=index,
             num_shards=NUM_OWNERS,
-            epochs=(4 if quick else 8) if dataset is DatasetName.FASHION_MNIST else 15,
+            epochs=(3 if quick else 8) if dataset is DatasetName.FASHION_MNIST else 15,
             batch_size=128 if dataset is DatasetName.FASHION_MNIST else 32,
             seed=index,
         )
