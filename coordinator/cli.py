@@ -84,6 +84,65 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _float_list(flag: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as error:
+        raise ConfigError(f"{flag} {text!r} must be comma-separated numbers") from error
+
+
+def _cmd_teacher_package(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cdfkd.teacher_node.config_files import describe_validation_error
+    from cdfkd.teacher_node.datasets import Normalization
+    from cdfkd.teacher_node.owner_model import FactoryRef
+    from cdfkd.teacher_node.owner_package import (
+        OwnerModelSpec,
+        package_owner_model,
+        read_eval_data,
+    )
+
+    try:
+        kwargs = json.loads(args.factory_kwargs)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--factory-kwargs is not valid JSON: {error}") from error
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--factory-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    try:
+        factory = FactoryRef(reference=args.factory, kwargs=kwargs)
+    except ValidationError as error:
+        raise ConfigError(f"--factory: {describe_validation_error(error)}") from error
+    shape = _float_list("--input-shape", args.input_shape)
+    if len(shape) != 3 or any(v != int(v) for v in shape):
+        raise ConfigError(f"--input-shape {args.input_shape!r} must be C,H,W (three integers)")
+    spec = OwnerModelSpec(
+        name=args.name or Path(args.out).name,
+        factory=factory,
+        weights=Path(args.weights),
+        input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        num_classes=args.num_classes,
+        normalization=Normalization(
+            mean=_float_list("--mean", args.mean), std=_float_list("--std", args.std)
+        ),
+        feature_layer=args.feature_layer,
+    )
+    eval_data, description = read_eval_data(args.eval_data) if args.eval_data else (None, None)
+    metadata = package_owner_model(spec, Path(args.out), eval_data, description)
+    print(
+        json.dumps(
+            {
+                "package": str(args.out),
+                "feature_layer": metadata.feature_layer,
+                "feature_dim": metadata.feature_dim,
+                "has_batchnorm": metadata.has_batchnorm,
+                "test_accuracy": metadata.test_accuracy,
+            }
+        )
+    )
+    return ExitCode.OK
+
+
 def _cmd_teacher_serve(args: argparse.Namespace) -> int:
     from cdfkd.teacher_node.config import load_teacher_config
     from cdfkd.teacher_node.server import serve
@@ -104,13 +163,37 @@ def _cmd_pki_dev(args: argparse.Namespace) -> int:
     from cdfkd.teacher_node.pki import create_dev_pki
 
     clients = tuple(args.client) or ("student",)
-    pki = create_dev_pki(Path(args.out), tuple(args.server_name), clients)
+    pki = create_dev_pki(Path(args.out), tuple(args.server_name), clients, force=args.force)
     print(
         json.dumps(
             {"ca": str(pki.ca.cert), "server": str(pki.server.cert), "client": str(pki.client.cert)}
         )
     )
     return ExitCode.OK
+
+
+def _cmd_pki_issue(args: argparse.Namespace) -> int:
+    from cdfkd.teacher_node.pki import issue_from_files
+
+    identity = issue_from_files(
+        Path(args.ca_cert),
+        Path(args.ca_key),
+        Path(args.out),
+        client=args.client,
+        server_names=tuple(args.server_name),
+        force=args.force,
+    )
+    print(json.dumps({"cert": str(identity.cert), "key": str(identity.key)}))
+    return ExitCode.OK
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cdfkd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _cmd_federation_check(args: argparse.Namespace) -> int:
@@ -254,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"cdfkd {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     teacher = commands.add_parser("teacher", help="teacher-owner commands")
@@ -285,6 +369,40 @@ def build_parser() -> argparse.ArgumentParser:
     train_teacher.add_argument("--lr", type=float, default=2e-3)
     train_teacher.add_argument("--seed", type=int, default=0)
     train_teacher.set_defaults(handler=_cmd_teacher_train)
+    package = teacher_commands.add_parser(
+        "package",
+        help="make a teacher package from your own trained classifier (factory + safetensors)",
+    )
+    package.add_argument("--out", required=True, help="package folder to write")
+    package.add_argument(
+        "--factory",
+        required=True,
+        help="MODULE:CALLABLE returning the nn.Module (importable here and on the node)",
+    )
+    package.add_argument(
+        "--factory-kwargs", default="{}", help="keyword arguments of the factory, a JSON object"
+    )
+    package.add_argument(
+        "--weights", required=True, help="the model's state dict as a .safetensors file"
+    )
+    package.add_argument("--input-shape", required=True, help="C,H,W the model takes")
+    package.add_argument("--num-classes", required=True, type=int, help="K, the logits' width")
+    package.add_argument(
+        "--mean", required=True, help="per-channel mean of [0, 1] pixels, m1,..,mC"
+    )
+    package.add_argument("--std", required=True, help="per-channel std, s1,..,sC")
+    package.add_argument(
+        "--feature-layer",
+        help="module whose output (pooled, flattened) is the feature g (default: the input "
+        "of the last nn.Linear)",
+    )
+    package.add_argument("--name", help="teacher name (default: the folder name)")
+    package.add_argument(
+        "--eval-data",
+        help="labelled test images to record the accuracy: a dataset name "
+        "(fashion_mnist, digits) or an .npz with 'images' and 'labels'",
+    )
+    package.set_defaults(handler=_cmd_teacher_package)
     serve_teacher = teacher_commands.add_parser(
         "serve", help="serve a teacher package over gRPC with mutual TLS (one per organization)"
     )
@@ -316,7 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="client certificate common name (repeatable; default: student)",
     )
+    pki_dev.add_argument(
+        "--force", action="store_true", help="replace a CA already in --out (invalidates it)"
+    )
     pki_dev.set_defaults(handler=_cmd_pki_dev)
+    pki_issue = pki_commands.add_parser(
+        "issue", help="issue one more client or server certificate from an existing CA"
+    )
+    pki_issue.add_argument("--ca-cert", required=True, help="the CA certificate (PEM)")
+    pki_issue.add_argument("--ca-key", required=True, help="the CA's private key (PEM)")
+    who = pki_issue.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", help="client common name (the identity a node's policy names)")
+    who.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="DNS name or IP of a server (repeatable: more names for the same certificate)",
+    )
+    pki_issue.add_argument("--out", required=True, help="folder to write the PEM files into")
+    pki_issue.add_argument("--force", action="store_true", help="replace existing files")
+    pki_issue.set_defaults(handler=_cmd_pki_issue)
 
     federation = commands.add_parser("federation", help="checks across the teacher nodes")
     federation_commands = federation.add_subparsers(dest="federation_command", required=True)
@@ -427,6 +564,7 @@ def _exit_code_for(error: BaseException) -> ExitCode:
         DatasetError,
         InvalidInput,
         PackageError,
+        PkiError,
         TeacherConfigError,
     )
 
@@ -437,6 +575,7 @@ def _exit_code_for(error: BaseException) -> ExitCode:
         PackageError,
         CheckpointError,
         InvalidInput,
+        PkiError,
     )
     if isinstance(error, usage):
         return ExitCode.USAGE

@@ -81,7 +81,7 @@ def _ensure_teacher(job: TeacherJob, directory: Path) -> None:
     try:
         metadata = read_metadata(directory)
         dataset = load_dataset(job.dataset, Split.TEST, job.data_path)
-        if metadata.name == job.name and metadata.spec.input_shape == dataset.input_shape:
+        if metadata.name == job.name and metadata.input_shape == dataset.input_shape:
             logger.info("reusing teacher package %s", directory)
             return
     except PackageError:

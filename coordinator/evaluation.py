@@ -8,9 +8,10 @@ from typing import Any
 
 from cdfkd.coordinator.errors import ConfigError
 from cdfkd.coordinator.training_run import STUDENT_DIR
-from cdfkd.student_node.artifact import load_student
+from cdfkd.student_node.artifact import load_student, student_image_space
 from cdfkd.student_node.evaluate import evaluate_student
-from cdfkd.teacher_node.datasets import DatasetName, Normalization, Split, load_dataset
+from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset
+from cdfkd.teacher_node.image_space import to_model_input
 
 
 def evaluate_run(run: Path, data_path: Path | None = None) -> dict[str, Any]:
@@ -28,9 +29,10 @@ def evaluate_run(run: Path, data_path: Path | None = None) -> dict[str, Any]:
     dataset = DatasetName(data.get("dataset", DatasetName.FASHION_MNIST))
     path = data_path or (Path(data["path"]) if data.get("path") else None)
     student, aggregator, config, infos = load_student(run / STUDENT_DIR)
-    normalization = Normalization(mean=infos[0].normalization_mean, std=infos[0].normalization_std)
+    space = student_image_space(run / STUDENT_DIR)
     test = load_dataset(dataset, Split.TEST, path)
-    result = evaluate_student(student, normalization.apply(test.images), test.labels, aggregator)
+    images = to_model_input(test.images, space.image_shape, space.normalization)
+    result = evaluate_student(student, images, test.labels, aggregator)
     return {
         "run": str(run),
         "method": config.method.value,

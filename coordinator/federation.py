@@ -1,8 +1,10 @@
 """``cdfkd federation check``: can this run reach, trust and use every teacher?
 
 For each teacher node: TCP reachability, the mutual-TLS handshake and the standard health
-service, its metadata, and compatibility with the others (same label space, input shape and
-normalization; architectures may differ). Local packages are checked by loading their metadata.
+service, its metadata, and compatibility with the others (same label space and number of input
+channels; architectures, input sizes and normalizations may differ, the run image space
+bridges them), and that the node accepts images of the run's size. Local packages are checked
+by loading their metadata.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class NodeReport:
     input_shape: tuple[int, ...] | None = None
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     feature_dim: int | None = None
+    has_bn_prior: bool | None = None
+    max_image_side: int | None = None
     allowed_outputs: tuple[str, ...] = ()
     mode: str = "-"
     remaining_budget: int | None = None
@@ -89,6 +93,8 @@ def _check_node(entry: RemoteTeacherConfig, timeout_s: float) -> NodeReport:
     report.input_shape = tuple(metadata.input_shape)
     report.normalization = (tuple(metadata.normalization_mean), tuple(metadata.normalization_std))
     report.feature_dim = metadata.feature_dim
+    report.has_bn_prior = metadata.has_bn_prior
+    report.max_image_side = metadata.max_image_side
     report.allowed_outputs = tuple(metadata.allowed_outputs)
     report.mode = metadata.mode or "-"
     report.remaining_budget = None if metadata.remaining_budget < 0 else metadata.remaining_budget
@@ -107,10 +113,11 @@ def _check_package(entry: PackageTeacher) -> NodeReport:
         report.problems.append(str(error))
         return report
     report.name = metadata.name
-    report.classes = metadata.spec.num_classes
-    report.input_shape = metadata.spec.input_shape
+    report.classes = metadata.num_classes
+    report.input_shape = metadata.input_shape
     report.normalization = (metadata.normalization.mean, metadata.normalization.std)
     report.feature_dim = metadata.feature_dim
+    report.has_bn_prior = metadata.has_batchnorm
     report.allowed_outputs = ("logits", "features", "bn_loss", "input_grad")
     report.health = "LOCAL"
     report.mode = "full"
@@ -131,17 +138,38 @@ def check_federation(config: RunConfig, timeout_s: float = 5.0) -> list[NodeRepo
     for report in reports:
         if not report.ok or report is reference:
             continue
-        for label, attribute in (
-            ("label space", "classes"),
-            ("input shape", "input_shape"),
-            ("normalization", "normalization"),
-        ):
-            mine, theirs = getattr(report, attribute), getattr(reference, attribute)
-            if mine != theirs:
-                report.problems.append(
-                    f"incompatible {label}: {mine} here, {theirs} at {reference.target}"
-                )
+        if report.classes != reference.classes:
+            report.problems.append(
+                f"incompatible label space: {report.classes} classes here, {reference.classes} "
+                f"at {reference.target} ({reference.name})"
+            )
+        mine, theirs = _channels(report), _channels(reference)
+        if mine != theirs:
+            report.problems.append(
+                f"incompatible input channels: {report.name} takes {mine}, {reference.name} "
+                f"at {reference.target} takes {theirs}"
+            )
+    _check_run_image_size(config, [r for r in reports if r.ok])
     return reports
+
+
+def _channels(report: NodeReport) -> int | None:
+    return None if report.input_shape is None else int(report.input_shape[0])
+
+
+def _check_run_image_size(config: RunConfig, reports: list[NodeReport]) -> None:
+    """Every node must accept images of the run's size (configured, else the largest input)."""
+    shapes = [r.input_shape for r in reports if r.input_shape is not None]
+    if not shapes:
+        return
+    run_shape = config.train.image_shape or max(shapes, key=lambda s: int(s[1]) * int(s[2]))
+    for report in reports:
+        side = report.max_image_side
+        if side is not None and side > 0 and max(int(run_shape[1]), int(run_shape[2])) > side:
+            report.problems.append(
+                f"the run's images are {run_shape[1]}x{run_shape[2]} but this node accepts at "
+                f"most {side}x{side} (limits.max_image_side)"
+            )
 
 
 def format_table(reports: list[NodeReport]) -> str:

@@ -56,6 +56,11 @@ from cdfkd.student_node.models.aggregator import AttentionAggregator, train_atte
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.protocol import Teacher
 from cdfkd.student_node.teachers.remote import RemoteTeacher
+from cdfkd.student_node.teachers.run_space import (
+    RunImageSpace,
+    RunSpaceTeacher,
+    resolve_image_space,
+)
 from cdfkd.student_node.trainer import (
     IterationMetrics,
     TrainCallback,
@@ -71,6 +76,7 @@ from cdfkd.teacher_node.datasets import (
     load_dataset,
     stratified_sample,
 )
+from cdfkd.teacher_node.image_space import to_model_input
 from cdfkd.teacher_node.package import read_metadata
 
 logger = logging.getLogger(__name__)
@@ -137,16 +143,21 @@ def close_teachers(teachers: list[Teacher]) -> None:
 
 
 def _real_data(
-    config: RunConfig, normalization: Normalization, input_shape: tuple[int, ...]
+    config: RunConfig, input_shape: tuple[int, ...]
 ) -> tuple[ImageDataset, ImageDataset]:
     train_set = load_dataset(config.data.dataset, Split.TRAIN, config.data.path)
     test_set = load_dataset(config.data.dataset, Split.TEST, config.data.path)
-    if test_set.input_shape != tuple(input_shape):
+    if test_set.input_shape[0] != input_shape[0]:
         raise ConfigError(
             f"data.dataset {config.data.dataset.value} has images {test_set.input_shape} but the "
-            f"teachers expect {tuple(input_shape)}"
+            f"teachers take {input_shape[0]} channels"
         )
     return train_set, test_set
+
+
+def student_images(pixels: Tensor, space: RunImageSpace) -> Tensor:
+    """Real [0, 1] images as the student reads them: resized to the run shape, normalized."""
+    return to_model_input(pixels, space.image_shape, space.normalization)
 
 
 class _Interval:
@@ -240,21 +251,30 @@ def _distill(
 ) -> RunResult:
     checkpoints = out / CHECKPOINT_DIR
     infos = [teacher.info() for teacher in teachers]
-    first = check_teachers(infos)
-    normalization = Normalization(mean=first.normalization_mean, std=first.normalization_std)
-    train_set, test_set = _real_data(config, normalization, first.input_shape)
-    test_images = normalization.apply(test_set.images).to(device)
+    check_teachers(infos)
+    space = resolve_image_space(infos, config.train.image_shape, config.train.normalization)
+    normalization = space.normalization
+    # The trainer works on standardized run-space images; each teacher gets them as pixels.
+    run_teachers: list[Teacher] = [RunSpaceTeacher(teacher, space) for teacher in teachers]
+    logger.info(
+        "run image space: %s, normalization mean %s std %s",
+        "x".join(map(str, space.image_shape)),
+        normalization.mean,
+        normalization.std,
+    )
+    train_set, test_set = _real_data(config, space.image_shape)
+    test_images = student_images(test_set.images, space).to(device)
     test_labels = test_set.labels.to(device)
     eval_images = test_images[: config.data.eval_samples]
     eval_labels = test_labels[: config.data.eval_samples]
     train_config = config.train
     real_images = (
-        normalization.apply(train_set.images).to(device)
+        student_images(train_set.images, space).to(device)
         if train_config.method is Method.KD_REAL
         else None
     )
 
-    state = init_state(train_config, infos, device)
+    state = init_state(train_config, infos, device, space.image_shape)
     fingerprint = config_fingerprint(train_config)
     if found is not None:
         load_checkpoint(found, state, fingerprint)
@@ -304,7 +324,7 @@ def _distill(
     try:
         train(
             state,
-            teachers,
+            run_teachers,
             train_config,
             real_images=real_images,
             callbacks=[
@@ -330,8 +350,8 @@ def _distill(
     save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
 
-    teacher_result = evaluate_teachers(teachers, test_images, test_labels)
-    aggregator = _fit_attention(state, train_set, normalization, config, device)
+    teacher_result = evaluate_teachers(run_teachers, test_images, test_labels)
+    aggregator = _fit_attention(state, train_set, space, config, device)
     student_result = evaluate_student(state.student, test_images, test_labels, aggregator)
     writer.write(
         "final",
@@ -342,7 +362,7 @@ def _distill(
         accuracy_headers=student_result.headers,
     )
     writer.close()
-    save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos)
+    save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos, space)
 
     result = RunResult(
         out=out,
@@ -384,7 +404,7 @@ def _teacher_parameters(config: RunConfig, index: int) -> int | None:
 def _fit_attention(
     state: TrainState,
     train_set: ImageDataset,
-    normalization: Normalization,
+    space: RunImageSpace,
     config: RunConfig,
     device: torch.device,
 ) -> AttentionAggregator | None:
@@ -393,7 +413,7 @@ def _fit_attention(
     if getattr(state.student, "num_headers", 1) < 2:
         return None
     chosen = stratified_sample(train_set.labels, attention.samples, seed=config.train.seed)
-    images: Tensor = normalization.apply(train_set.images[chosen]).to(device)
+    images: Tensor = student_images(train_set.images[chosen], space).to(device)
     labels = train_set.labels[chosen].to(device)
     aggregator = AttentionAggregator(train_set.num_classes).to(device)
     with torch.random.fork_rng(devices=[]):

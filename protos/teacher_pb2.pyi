@@ -21,7 +21,7 @@ class GetMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMetadataResponse(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes", "mode", "remaining_budget")
+    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes", "mode", "remaining_budget", "has_bn_prior", "max_image_side")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class GetMetadataResponse(_message.Message):
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REMAINING_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    HAS_BN_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -46,7 +48,9 @@ class GetMetadataResponse(_message.Message):
     wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
     mode: str
     remaining_budget: int
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., remaining_budget: _Optional[int] = ...) -> None: ...
+    has_bn_prior: bool
+    max_image_side: int
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., remaining_budget: _Optional[int] = ..., has_bn_prior: _Optional[bool] = ..., max_image_side: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("images", "want_features", "want_bn_loss", "response_dtype")

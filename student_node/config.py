@@ -7,6 +7,7 @@ import enum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdfkd.student_node.models.aggregator import AttentionConfig
+from cdfkd.teacher_node.datasets import Normalization
 
 
 class Method(enum.StrEnum):
@@ -125,6 +126,31 @@ class TrainConfig(BaseModel):
     student: StudentConfig = StudentConfig()
     generator: GeneratorConfig = GeneratorConfig()
     attention: AttentionConfig = AttentionConfig()
+    image_shape: tuple[int, int, int] | None = Field(
+        default=None,
+        description="(C, H, W) of the run image space; None: the largest teacher input (H*W)",
+    )
+    normalization: Normalization | None = Field(
+        default=None,
+        description="mean and std that map the generator's standardized images to [0, 1] "
+        "pixels; None: the teachers' own when they agree, else their per-channel average",
+    )
+
+    @model_validator(mode="after")
+    def _check_image_space(self) -> TrainConfig:
+        if self.image_shape is not None and (
+            self.image_shape[0] < 1 or min(self.image_shape[1:]) < 8
+        ):
+            raise ValueError(f"image_shape {self.image_shape} must be (C>=1, H>=8, W>=8)")
+        if self.normalization is not None:
+            mean, std = self.normalization.mean, self.normalization.std
+            if not mean or len(mean) != len(std) or min(std) <= 0:
+                raise ValueError("normalization needs one mean and one positive std per channel")
+            if self.image_shape is not None and len(mean) != self.image_shape[0]:
+                raise ValueError(
+                    f"normalization has {len(mean)} channels, image_shape {self.image_shape[0]}"
+                )
+        return self
 
     @property
     def total_iterations(self) -> int:

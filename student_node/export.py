@@ -20,7 +20,12 @@ from typing import Any, assert_never
 import torch
 from torch import Tensor, nn
 
-from cdfkd.student_node.artifact import AGGREGATOR_FILE, METADATA_FILE, load_student
+from cdfkd.student_node.artifact import (
+    AGGREGATOR_FILE,
+    METADATA_FILE,
+    load_student,
+    student_image_space,
+)
 from cdfkd.student_node.errors import CheckpointError
 from cdfkd.student_node.models.aggregator import AttentionAggregator
 from cdfkd.student_node.models.multi_header import StudentOutputs
@@ -77,7 +82,8 @@ class EdgeModel:
         classifier: The module that is exported.
         aggregation: How it combines the headers.
         method: The distillation method the student was trained with.
-        input_shape: ``(C, H, W)`` of one normalized image.
+        input_shape: ``(C, H, W)`` of one normalized image (the run image shape: real images
+            of another size are resized to it, bilinear, before normalizing).
         num_classes: K, the width of the logits.
         normalization_mean: Per-channel mean subtracted from [0, 1] images before the model.
         normalization_std: Per-channel std the difference is divided by.
@@ -171,16 +177,17 @@ def load_edge_model(directory: Path, aggregation: Aggregation) -> EdgeModel:
     if aggregator is not None:
         aggregator.eval()
     first = infos[0]
+    space = student_image_space(directory)
     return EdgeModel(
         classifier=EdgeClassifier(
             student, aggregator if aggregation is Aggregation.ATTENTION else None
         ).eval(),
         aggregation=aggregation,
         method=config.method.value,
-        input_shape=first.input_shape,
+        input_shape=space.image_shape,
         num_classes=first.num_classes,
-        normalization_mean=first.normalization_mean,
-        normalization_std=first.normalization_std,
+        normalization_mean=space.normalization.mean,
+        normalization_std=space.normalization.std,
     )
 
 

@@ -32,6 +32,7 @@ from cdfkd.student_node.objectives import (
     uses_teacher_features,
 )
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
+from cdfkd.student_node.teachers.run_space import check_channels
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +84,22 @@ class TrainCallback(Protocol):
 def check_teachers(infos: Sequence[TeacherInfo]) -> TeacherInfo:
     """Return the first teacher's info after checking all agree on what must be shared.
 
+    Teachers may differ in input height, width and normalization (the run image space bridges
+    them, ``student_node/teachers/run_space.py``), not in label space or channel count.
+
     Raises:
-        IncompatibleTeachers: classes, input shape or normalization differ.
+        IncompatibleTeachers: classes or input channels differ.
     """
     if not infos:
         raise IncompatibleTeachers("a run needs at least one teacher")
+    check_channels(infos)
     first = infos[0]
     for info in infos[1:]:
-        for field in ("num_classes", "input_shape", "normalization_mean", "normalization_std"):
-            if getattr(info, field) != getattr(first, field):
-                raise IncompatibleTeachers(
-                    f"teacher {info.name!r} has {field} {getattr(info, field)} but "
-                    f"{first.name!r} has {getattr(first, field)}: all teachers of a run must share "
-                    "the label space, input shape and normalization"
-                )
+        if info.num_classes != first.num_classes:
+            raise IncompatibleTeachers(
+                f"teacher {info.name!r} has num_classes {info.num_classes} but {first.name!r} "
+                f"has {first.num_classes}: all teachers of a run must share the label space"
+            )
     return first
 
 
@@ -125,14 +128,21 @@ def build_student(config: TrainConfig, infos: Sequence[TeacherInfo]) -> nn.Modul
 
 
 def init_state(
-    config: TrainConfig, infos: Sequence[TeacherInfo], device: torch.device
+    config: TrainConfig,
+    infos: Sequence[TeacherInfo],
+    device: torch.device,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> TrainState:
-    """Fresh student, generator, optimizers and schedulers, initialized from ``config.seed``."""
+    """Fresh student, generator, optimizers and schedulers, initialized from ``config.seed``.
+
+    ``image_shape`` is the run image shape the generator makes (default: the first teacher's
+    input shape, as in a homogeneous federation).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         student = build_student(config, infos).to(device)
         generator = Generator(
-            config.generator.latent_dim, infos[0].input_shape, config.generator.width
+            config.generator.latent_dim, image_shape or infos[0].input_shape, config.generator.width
         ).to(device)
         # NHWC weights make its convolutions about twice as fast on CPU (bench/RESULTS.md).
         generator = generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -174,7 +184,10 @@ def _fan_out(
 def _teacher_input_grad(
     teacher: Teacher, images: Tensor, cotangent: Tensor, bn_weight: float
 ) -> Tensor:
-    """A teacher's input VJP; its BN term only where the owner shares it; no call for zero."""
+    """A teacher's input VJP; its BN term only where it has one and the owner shares it.
+
+    No call at all for a zero cotangent without a BN term.
+    """
     if "bn_loss" not in teacher.info().allowed_outputs:
         bn_weight = 0.0
     if bn_weight == 0.0 and not bool(cotangent.any()):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdfkd.protos.codec import WIRE_DTYPES
 from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
+from cdfkd.teacher_node.engine import MAX_IMAGE_SIDE
 from cdfkd.teacher_node.errors import TeacherConfigError
 from cdfkd.teacher_node.policy import PolicyConfig
 
@@ -73,6 +74,9 @@ class Limits(BaseModel):
 
     max_batch: int = Field(default=512, ge=2, le=65536)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    max_image_side: int = Field(
+        default=MAX_IMAGE_SIDE, ge=8, le=4096, description="largest query height or width"
+    )
 
 
 class Choices(BaseModel):

@@ -7,6 +7,12 @@ and the input vector-Jacobian product of METHOD.md "What the system adds":
     d/dx [ <v, t(x)> + bn_weight * R(x) ]
 
 It never returns parameters or BN running statistics, only values computed on ``x``.
+
+``x`` is in the run image space (``teacher_node/image_space.py``): float (B, C, H, W) pixels on
+the [0, 1] scale at the run's size. The engine brings it to the teacher's own size (bilinear)
+and normalization inside the differentiable forward pass, so ``input_grad`` is the exact
+gradient with respect to the run-space images, and an in-process teacher and a teacher node
+compute the same thing bit for bit.
 Forward hooks live only for the duration of one call and hand their values back through
 a local list, so no state survives between calls (STYLE.md anti-pattern 7).
 """
@@ -22,13 +28,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.errors import InvalidInput
+from cdfkd.teacher_node.image_space import resize
 from cdfkd.teacher_node.zoo import ClassifierOutput
 
 logger = logging.getLogger(__name__)
 
 #: c_1 of METHOD.md: the first BN layer's term is scaled by 5, the others by 1 (authors' code).
 FIRST_BN_SCALE = 5.0
+#: Largest height or width of a query image a node accepts by default (``limits.max_image_side``).
+MAX_IMAGE_SIDE = 512
 
 
 class EngineOutputs(NamedTuple):
@@ -53,6 +63,12 @@ class EngineInfo:
     num_classes: int
     feature_dim: int
     num_bn_layers: int
+    max_image_side: int = MAX_IMAGE_SIDE
+
+    @property
+    def has_bn_prior(self) -> bool:
+        """Whether the teacher has BatchNorm layers, so R(x) exists."""
+        return self.num_bn_layers > 0
 
 
 def bn_prior(
@@ -96,17 +112,43 @@ class TeacherEngine:
         model: A classifier returning :class:`ClassifierOutput`. It is put in eval mode
             (BN uses running statistics; R(x) uses the batch statistics of x) and frozen.
         input_shape: ``(C, H, W)`` the teacher expects.
+        normalization: The teacher's per-channel mean and std, applied inside; None: the
+            model takes the [0, 1] pixels as they are.
         first_bn_scale: c_1 of METHOD.md.
+        max_image_side: Largest query height or width accepted (bounds the work per image).
     """
 
     def __init__(
         self,
         model: nn.Module,
         input_shape: tuple[int, int, int],
+        normalization: Normalization | None = None,
         first_bn_scale: float = FIRST_BN_SCALE,
+        max_image_side: int = MAX_IMAGE_SIDE,
     ) -> None:
         self._model = model.eval().requires_grad_(False)
-        self._input_shape = tuple(input_shape)
+        self._input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+        if max(self._input_shape[1:]) > max_image_side:
+            raise InvalidInput(
+                f"the teacher's input {self._input_shape} is larger than max_image_side "
+                f"{max_image_side}"
+            )
+        self._max_image_side = max_image_side
+        parameter = next(model.parameters())
+        self._mean: Tensor | None = None
+        self._std: Tensor | None = None
+        if normalization is not None:
+            counts = {len(normalization.mean), len(normalization.std)}
+            if counts != {input_shape[0]}:
+                raise InvalidInput(
+                    f"normalization has {len(normalization.mean)} means and "
+                    f"{len(normalization.std)} stds for {input_shape[0]} channels"
+                )
+            # As Normalization.apply computes it, on the model's device.
+            view = (1, -1, 1, 1)
+            options = {"dtype": parameter.dtype, "device": parameter.device}
+            self._mean = torch.tensor(normalization.mean, **options).view(view)  # type: ignore[arg-type]
+            self._std = torch.tensor(normalization.std, **options).view(view)  # type: ignore[arg-type]
         # modules() order, as the authors' hooks: c_1 applies to the first registered BN layer.
         self._bn_layers: list[nn.modules.batchnorm._BatchNorm] = [
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -114,16 +156,16 @@ class TeacherEngine:
         self._scales = [first_bn_scale] + [1.0] * (len(self._bn_layers) - 1)
         # Calls from several server threads share the modules the per-call hooks attach to.
         self._lock = threading.Lock()
-        parameter = next(model.parameters())
         with torch.no_grad():
             probe = model(
                 torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device)
             )
         self._info = EngineInfo(
-            input_shape=input_shape,
+            input_shape=self._input_shape,
             num_classes=int(probe.logits.shape[1]),
             feature_dim=int(probe.features.shape[1]),
             num_bn_layers=len(self._bn_layers),
+            max_image_side=max_image_side,
         )
 
     @property
@@ -137,11 +179,18 @@ class TeacherEngine:
         return next(self._model.parameters()).dtype
 
     def query(self, images: Tensor, with_bn_loss: bool = True) -> EngineOutputs:
-        """Logits, features and (if asked) R(x) for ``images`` float (B, C, H, W), no gradients.
+        """Logits, features and (if asked) R(x) for run-space ``images``, no gradients.
 
         Without R(x) no hooks run: the student step needs only logits and features.
+
+        Args:
+            images: float (B, C, H, W) pixels on the [0, 1] scale, H and W up to
+                ``max_image_side``; C as the teacher's.
+            with_bn_loss: Also compute R(x); refused for a teacher without BatchNorm.
         """
         self._check_images(images)
+        self._check_bn_prior(with_bn_loss)
+        images = _as_on_the_wire(images)
         with self._lock, torch.no_grad():
             return self._forward(images, with_bn_loss)
 
@@ -149,14 +198,17 @@ class TeacherEngine:
         """The VJP d/dx [<grad_logits, t(x)> + bn_weight * R(x)].
 
         Args:
-            images: float (B, C, H, W) synthetic images.
+            images: float (B, C, H, W) synthetic run-space images (see :meth:`query`).
             grad_logits: float (B, num_classes) the cotangent v = dL_G/dt computed by the caller.
-            bn_weight: the factor on R(x), w_bn / N in METHOD.md.
+            bn_weight: the factor on R(x), w_bn / N in METHOD.md; 0 for a teacher without
+                BatchNorm.
 
         Returns:
             float (B, C, H, W), the gradient with respect to ``images``.
         """
         self._check_images(images)
+        self._check_bn_prior(bn_weight != 0.0)
+        images = _as_on_the_wire(images)
         expected = (images.shape[0], self._info.num_classes)
         if tuple(grad_logits.shape) != expected:
             raise InvalidInput(
@@ -172,7 +224,15 @@ class TeacherEngine:
             (gradient,) = torch.autograd.grad(objective, inputs)
         return gradient
 
+    def _model_input(self, images: Tensor) -> Tensor:
+        """Run-space pixels brought to the teacher's size and normalization (differentiable)."""
+        resized = resize(images, self._input_shape[1:])
+        if self._mean is None or self._std is None:
+            return resized
+        return (resized - self._mean) / self._std
+
     def _forward(self, images: Tensor, with_bn_loss: bool) -> EngineOutputs:
+        images = self._model_input(images)
         if not with_bn_loss:
             output: ClassifierOutput = self._model(images)
             return EngineOutputs(output.logits, output.features, None)
@@ -190,29 +250,49 @@ class TeacherEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        if self._bn_layers:
-            order = range(len(self._bn_layers))
-            bn_loss = bn_prior(
-                [stats[i][0] for i in order],
-                [stats[i][1] for i in order],
-                [bn.running_mean for bn in self._bn_layers],  # type: ignore[misc]
-                [bn.running_var for bn in self._bn_layers],  # type: ignore[misc]
-                self._scales,
-            )
-        else:
-            bn_loss = output.logits.new_zeros(())
+        order = range(len(self._bn_layers))
+        bn_loss = bn_prior(
+            [stats[i][0] for i in order],
+            [stats[i][1] for i in order],
+            [bn.running_mean for bn in self._bn_layers],  # type: ignore[misc]
+            [bn.running_var for bn in self._bn_layers],  # type: ignore[misc]
+            self._scales,
+        )
         return EngineOutputs(output.logits, output.features, bn_loss)
+
+    def _check_bn_prior(self, wanted: bool) -> None:
+        if wanted and not self._bn_layers:
+            raise InvalidInput(
+                "this teacher has no BatchNorm layers, so it has no BN-prior term R(x): ask "
+                "without it (bn_weight 0; GetMetadata.has_bn_prior is false)"
+            )
 
     def _check_images(self, images: Tensor) -> None:
         if not torch.is_floating_point(images):
             raise InvalidInput(f"images must be floating point, got {images.dtype}")
-        if images.dim() != 4 or tuple(images.shape[1:]) != self._input_shape:
+        channels, side = self._input_shape[0], self._max_image_side
+        if (
+            images.dim() != 4
+            or images.shape[1] != channels
+            or not 1 <= images.shape[2] <= side
+            or not 1 <= images.shape[3] <= side
+        ):
             raise InvalidInput(
-                f"images have shape {tuple(images.shape)}, expected (B, *{self._input_shape})"
+                f"images have shape {tuple(images.shape)}, expected (B, {channels}, H, W) with "
+                f"H and W at most {side}"
             )
         if images.shape[0] < 2:
             raise InvalidInput("a batch needs at least 2 images for BatchNorm batch statistics")
         _check_finite("images", images)
+
+
+def _as_on_the_wire(images: Tensor) -> Tensor:
+    """Images in the contiguous layout a node decodes from the wire.
+
+    Resizing and normalizing take other kernels (other rounding) on, e.g., channels-last
+    tensors such as the generator's; an in-process teacher must compute what a node does.
+    """
+    return images.contiguous()
 
 
 def _check_finite(name: str, tensor: Tensor) -> None:

@@ -31,3 +31,7 @@ class LimitExceeded(TeacherError):
 
 class PermissionDenied(TeacherError):
     """The caller asked for something the owner does not allow it (PERMISSION_DENIED)."""
+
+
+class PkiError(TeacherError):
+    """Certificates cannot be written or issued (an existing CA, a bad CA file; exit code 2)."""

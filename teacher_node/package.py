@@ -2,8 +2,14 @@
 
 A package is a folder::
 
-    teacher.json          metadata (architecture spec, normalization, accuracy, weights digest)
+    teacher.json          metadata (the model's origin, input shape, classes, normalization,
+                          feature layer, BatchNorm or not, accuracy, weights digest)
     weights.safetensors   the state dict
+
+The model comes either from a built-in architecture (``spec``, made by ``cdfkd teacher train``)
+or from the owner's own code (``factory``: ``MODULE:CALLABLE`` and keyword arguments, made by
+``cdfkd teacher package``); the owner's code is imported only on the owner's node. Format 1
+packages (built-in only, before owners' models) stay readable.
 
 Only the owner's node ever loads a package; its contents never go on the wire and never into
 the student's checkpoint.
@@ -16,37 +22,87 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.errors import PackageError
+from cdfkd.teacher_node.owner_model import FactoryRef, FeatureTap, build_from_factory
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "teacher.json"
 WEIGHTS_FILE = "weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this cdfkd reads: 1 (built-in architectures only) and 2.
+READABLE_FORMATS = (1, 2)
 
 
 class TeacherMetadata(BaseModel):
-    """What ``teacher.json`` holds."""
+    """What ``teacher.json`` holds.
+
+    Attributes:
+        spec: A built-in architecture (``cdfkd teacher train``); None for an owner's model.
+        factory: The owner's ``MODULE:CALLABLE`` and its keyword arguments; None for built-ins.
+        input_shape: ``(C, H, W)`` the model takes.
+        num_classes: Size of its label space.
+        normalization: Per-channel mean and std the model expects of [0, 1] pixels.
+        feature_layer: The tapped module of an owner's model; None for built-ins, which
+            return their feature themselves.
+        feature_from_input: The feature is the tapped module's input (the default tap: the
+            input of the last ``nn.Linear``), else its output.
+        has_batchnorm: Whether the model has BatchNorm layers (else it has no BN prior).
+        eval_data: What ``test_accuracy`` was measured on.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format_version: int = FORMAT_VERSION
     name: str = Field(min_length=1)
-    spec: ArchitectureSpec
+    spec: ArchitectureSpec | None = None
+    factory: FactoryRef | None = None
+    input_shape: tuple[int, int, int]
+    num_classes: int = Field(ge=2)
     normalization: Normalization
+    feature_layer: str | None = None
+    feature_from_input: bool = False
+    has_batchnorm: bool = True
     feature_dim: int = Field(ge=1)
     num_parameters: int = Field(ge=1)
     test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    eval_data: str | None = None
     train_samples: int | None = None
     weights_sha256: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_format_1(cls, data: Any) -> Any:
+        """Format 1 held only ``spec``: input shape and classes come from it."""
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+            spec = data["spec"]
+            data = {
+                "input_shape": spec.get("input_shape"),
+                "num_classes": spec.get("num_classes"),
+                **data,
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> TeacherMetadata:
+        if (self.spec is None) == (self.factory is None):
+            raise ValueError("a package names exactly one of spec (built-in) and factory")
+        channels = self.input_shape[0]
+        if len(self.normalization.mean) != channels or len(self.normalization.std) != channels:
+            raise ValueError(
+                f"normalization has {len(self.normalization.mean)} means and "
+                f"{len(self.normalization.std)} stds for {channels} channels"
+            )
+        return self
 
 
 def _sha256(path: Path) -> str:
@@ -68,16 +124,14 @@ def save_package(
     test_accuracy: float | None,
     train_samples: int | None,
 ) -> TeacherMetadata:
-    """Write ``model`` as a teacher package into ``directory`` (atomic per file)."""
+    """Write a built-in ``model`` as a teacher package into ``directory`` (atomic per file)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
-    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(weights.with_suffix(".tmp")))
-    os.replace(weights.with_suffix(".tmp"), weights)
+    weights = write_weights(directory, model)
     metadata = TeacherMetadata(
         name=name,
         spec=spec,
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
         normalization=normalization,
         feature_dim=feature_dim,
         num_parameters=sum(p.numel() for p in model.parameters()),
@@ -85,10 +139,33 @@ def save_package(
         train_samples=train_samples,
         weights_sha256=_sha256(weights),
     )
-    target = directory / METADATA_FILE
-    target.with_suffix(".tmp").write_text(metadata.model_dump_json(indent=2) + "\n")
-    os.replace(target.with_suffix(".tmp"), target)
+    write_metadata(directory, metadata)
     return metadata
+
+
+def write_weights(directory: Path, model: nn.Module) -> Path:
+    """Write ``model``'s state dict as ``weights.safetensors`` in ``directory`` (atomic)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(weights.with_suffix(".tmp")))
+    os.replace(weights.with_suffix(".tmp"), weights)
+    return weights
+
+
+def weights_digest(path: Path) -> str:
+    """The sha256 of a weights file, as recorded in ``teacher.json``."""
+    return _sha256(Path(path))
+
+
+def write_metadata(directory: Path, metadata: TeacherMetadata) -> None:
+    """Write ``teacher.json`` (atomic)."""
+    target = Path(directory) / METADATA_FILE
+    target.with_suffix(".tmp").write_text(
+        metadata.model_dump_json(indent=2, exclude_none=True) + "\n"
+    )
+    os.replace(target.with_suffix(".tmp"), target)
 
 
 def read_metadata(directory: Path) -> TeacherMetadata:
@@ -110,22 +187,26 @@ def read_metadata(directory: Path) -> TeacherMetadata:
         metadata = TeacherMetadata.model_validate(raw)
     except ValidationError as error:
         raise PackageError(f"{path} is not valid teacher metadata: {error}") from error
-    if metadata.format_version != FORMAT_VERSION:
+    if metadata.format_version not in READABLE_FORMATS:
         raise PackageError(
             f"{path} has format_version {metadata.format_version}; this cdfkd reads "
-            f"{FORMAT_VERSION}: re-create the package with this version"
+            f"{list(READABLE_FORMATS)}: re-create the package with this version"
         )
     return metadata
 
 
 def load_package(directory: Path) -> tuple[TeacherMetadata, nn.Module]:
-    """Load a teacher package, verifying its digest and its architecture.
+    """Load a teacher package, verifying its digest and that the weights fit the model.
+
+    An owner's model (``factory``) is built by the owner's code and wrapped in
+    :class:`FeatureTap`, so every package yields a classifier returning ``ClassifierOutput``.
 
     Returns:
         The metadata and the classifier in eval mode.
 
     Raises:
-        PackageError: the package is missing, corrupt, truncated or of another architecture.
+        PackageError: the package is missing, corrupt, truncated, of another architecture, or
+            its factory fails.
     """
     metadata = read_metadata(directory)
     weights = Path(directory) / WEIGHTS_FILE
@@ -137,21 +218,55 @@ def load_package(directory: Path) -> tuple[TeacherMetadata, nn.Module]:
             f"{weights} is corrupt or truncated: sha256 {digest[:12]}... does not match "
             f"{metadata.weights_sha256[:12]}... recorded in {METADATA_FILE}"
         )
+    state = read_weights(weights)
+    if metadata.spec is not None:
+        model = build_classifier(metadata.spec)
+        what = (
+            f"a {metadata.spec.architecture.value} with this spec (the weights are of another "
+            "architecture)"
+        )
+        load_weights(model, state, weights, what)
+        return metadata, model.eval()
+    assert metadata.factory is not None  # one origin, checked by TeacherMetadata
+    owner_model = build_from_factory(metadata.factory)
+    load_weights(owner_model, state, weights, f"the model of {metadata.factory.reference}")
+    tap = FeatureTap(owner_model, metadata.feature_layer, metadata.feature_from_input)
+    return metadata, tap.eval()
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """A safetensors state dict (never unpickled).
+
+    Raises:
+        PackageError: the file cannot be read as safetensors.
+    """
     try:
-        state = load_file(str(weights))
+        return load_file(str(path))
+    except FileNotFoundError as error:
+        raise PackageError(f"weights file {path} not found") from error
     except (SafetensorError, OSError, ValueError) as error:
-        raise PackageError(f"{weights} cannot be read as safetensors: {error}") from error
-    model = build_classifier(metadata.spec)
+        raise PackageError(f"{path} cannot be read as safetensors: {error}") from error
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: Path, what: str) -> None:
+    """Load ``state`` into ``model``, naming missing, unexpected and reshaped keys.
+
+    Raises:
+        PackageError: the keys or shapes differ.
+    """
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in state.items()}
     if expected != found:
-        missing = sorted(set(expected) - set(found))[:3]
-        unexpected = sorted(set(found) - set(expected))[:3]
-        reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
         raise PackageError(
-            f"{weights} does not hold a {metadata.spec.architecture.value} with this spec "
-            f"(missing {missing}, unexpected {unexpected}, other shapes {reshaped}): the weights "
-            "are of another architecture"
+            f"{source} does not fit {what}: missing keys {_listed(missing)}, unexpected keys "
+            f"{_listed(unexpected)}, other shapes {_listed(reshaped)}"
         )
     model.load_state_dict(state)
-    return metadata, model.eval()
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")

@@ -6,6 +6,10 @@
     server.pem, server.key              SANs: localhost, 127.0.0.1, ::1 and any names given
     client.pem, client.key              a client identity (CN "student"), for student nodes
 
+``cdfkd pki dev`` refuses to overwrite an existing CA (``--force`` replaces it: every
+certificate it issued stops being trusted). ``cdfkd pki issue`` issues one more server or
+client certificate from an existing CA (:func:`issue_from_files`).
+
 For production, each owner uses certificates from its own CA; a node trusts the CAs it lists.
 """
 
@@ -21,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cdfkd.teacher_node.errors import PkiError
 
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -145,6 +151,8 @@ def create_dev_pki(
     out: Path,
     server_names: tuple[str, ...] = (),
     client_names: tuple[str, ...] = ("student",),
+    *,
+    force: bool = False,
 ) -> DevPki:
     """Write a development CA, one server identity and client identities into ``out``.
 
@@ -153,8 +161,19 @@ def create_dev_pki(
         server_names: Extra DNS names or IP addresses for the server certificate.
         client_names: Common names of client certificates; the first is written as
             ``client.pem``/``client.key``, the others as ``client-<name>.pem``/``.key``.
+        force: Replace an existing CA in ``out``.
+
+    Raises:
+        PkiError: ``out`` already holds a CA and ``force`` is False.
     """
     out = Path(out)
+    existing = [p.name for p in (out / "ca.pem", out / "ca.key") if p.exists()]
+    if existing and not force:
+        raise PkiError(
+            f"{out} already holds a CA ({', '.join(existing)}): replacing it would invalidate "
+            "every certificate it issued. Issue more certificates from it with 'cdfkd pki "
+            "issue', choose another --out, or pass --force to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = create_ca()
     ca = _write(out, "ca", ca_key, ca_cert)
@@ -169,3 +188,80 @@ def create_dev_pki(
         for i, name in enumerate(client_names)
     ]
     return DevPki(ca=ca, server=server, client=clients[0])
+
+
+def _file_stem(kind: str, name: str) -> str:
+    """``kind-name`` with anything but letters, digits, '.', '-', '_' replaced (no paths)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".") or "_"
+    return f"{kind}-{safe}"
+
+
+def load_ca(ca_cert: Path, ca_key: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Read a CA certificate and its private key (PEM, unencrypted) and check they belong.
+
+    Raises:
+        PkiError: a file is missing or unreadable, the certificate is not a CA, or the key
+            is not the certificate's.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    except FileNotFoundError as error:
+        raise PkiError(f"--ca-cert {ca_cert} not found") from error
+    except (OSError, ValueError) as error:
+        raise PkiError(f"--ca-cert {ca_cert} is not a PEM certificate: {error}") from error
+    try:
+        key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    except FileNotFoundError as error:
+        raise PkiError(f"--ca-key {ca_key} not found") from error
+    except (OSError, ValueError, TypeError) as error:
+        raise PkiError(
+            f"--ca-key {ca_key} is not an unencrypted PEM private key: {error}"
+        ) from error
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"--ca-key {ca_key} is not an EC key (cdfkd issues with EC P-256)")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise PkiError(f"--ca-cert {ca_cert} is not a CA certificate (basicConstraints CA:FALSE)")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise PkiError(f"--ca-key {ca_key} is not the key of --ca-cert {ca_cert}")
+    return key, cert
+
+
+def issue_from_files(
+    ca_cert: Path,
+    ca_key: Path,
+    out: Path,
+    *,
+    client: str | None = None,
+    server_names: tuple[str, ...] = (),
+    force: bool = False,
+) -> Identity:
+    """Issue one client (CN ``client``) or server (SANs ``server_names``) identity from a CA.
+
+    Writes ``client-<name>.pem/.key`` or ``server-<first name>.pem/.key`` into ``out``, and a
+    copy of the CA certificate as ``ca.pem`` if ``out`` has none.
+
+    Raises:
+        PkiError: the CA cannot be used, both or neither of client and server names are
+            given, or the files exist and ``force`` is False.
+    """
+    if (client is None) == (not server_names):
+        raise PkiError("give exactly one of --client NAME or --server-name NAME")
+    key, cert = load_ca(ca_cert, ca_key)
+    out = Path(out)
+    if client is not None:
+        stem = _file_stem("client", client)
+        leaf = issue(key, cert, client, client=True)
+    else:
+        stem = _file_stem("server", server_names[0])
+        leaf = issue(key, cert, server_names[0], server_names=tuple(dict.fromkeys(server_names)))
+    existing = [p.name for p in (out / f"{stem}.pem", out / f"{stem}.key") if p.exists()]
+    if existing and not force:
+        raise PkiError(f"{out} already holds {', '.join(existing)}: pass --force to replace")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "ca.pem").exists():
+        (out / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return _write(out, stem, *leaf)

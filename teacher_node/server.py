@@ -47,6 +47,24 @@ def build_policy(config: TeacherNodeConfig, clock: Clock = time.time) -> Policy:
     return Policy(config.policy, clock, generator)
 
 
+def engine_for_package(
+    metadata: TeacherMetadata, model: torch.nn.Module, max_image_side: int
+) -> TeacherEngine:
+    """The engine over a loaded package (its own input shape and normalization).
+
+    Raises:
+        TeacherConfigError: the package's input is larger than ``max_image_side``.
+    """
+    if max(metadata.input_shape[1:]) > max_image_side:
+        raise TeacherConfigError(
+            f"limits.max_image_side {max_image_side} is smaller than the teacher's input "
+            f"{metadata.input_shape}: raise it"
+        )
+    return TeacherEngine(
+        model, metadata.input_shape, metadata.normalization, max_image_side=max_image_side
+    )
+
+
 def build_server(
     config: TeacherNodeConfig,
     engine: TeacherEngine | None = None,
@@ -64,7 +82,7 @@ def build_server(
     """
     if engine is None or metadata is None:
         metadata, model = load_package(config.node.package)
-        engine = TeacherEngine(model, metadata.spec.input_shape)
+        engine = engine_for_package(metadata, model, config.limits.max_image_side)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.node.workers, thread_name_prefix="teacher"),
         options=grpc_options(config.limits.max_message_bytes),

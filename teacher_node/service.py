@@ -111,16 +111,26 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._policy = policy
         self._audit_log = audit
         info = engine.info
+        side = info.max_image_side
         self._limits = TensorLimits(
             max_rank=4,
             max_elements=config.limits.max_batch
-            * max(info.num_classes, math.prod(info.input_shape)),
+            * max(info.num_classes, info.input_shape[0] * side * side),
         )
         self._node_outputs = {o.value for o in config.choices.allowed_outputs}
         self._dtypes = config.choices.wire_dtypes
 
     def _allowed(self, rule: CallerRule) -> set[str]:
-        return set(MODE_OUTPUTS[rule.mode]) & self._node_outputs
+        allowed = set(MODE_OUTPUTS[rule.mode]) & self._node_outputs
+        return allowed if self._engine.info.has_bn_prior else allowed - {"bn_loss"}
+
+    def _check_bn_prior(self, wanted: bool) -> None:
+        """Refuse R(x) of a teacher without BatchNorm before any budget is spent."""
+        if wanted and not self._engine.info.has_bn_prior:
+            raise InvalidInput(
+                "this teacher has no BatchNorm layers, so it has no BN-prior term R(x): ask "
+                "without want_bn_loss and with bn_weight 0 (GetMetadata.has_bn_prior is false)"
+            )
 
     def _require(self, caller: str, rule: CallerRule, wanted: set[str]) -> None:
         self._policy.check_outputs(caller, rule, wanted)
@@ -181,6 +191,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             wire_dtypes=list(self._dtypes),
             mode=rule.mode.value,
             remaining_budget=-1 if remaining is None else remaining,
+            has_bn_prior=info.has_bn_prior,
+            max_image_side=info.max_image_side,
         )
         self._audit(caller, "GetMetadata", 0, "allowed", bytes_returned=reply.ByteSize())
         return reply
@@ -196,6 +208,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             wanted.add("features")
         if request.want_bn_loss:
             wanted.add("bn_loss")
+        self._check_bn_prior(request.want_bn_loss)
         self._require(caller, rule, wanted)
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
@@ -224,6 +237,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         if not math.isfinite(request.bn_weight):
             raise InvalidInput("bn_weight must be finite")
         wanted = {"input_grad", "bn_loss"} if request.bn_weight != 0.0 else {"input_grad"}
+        self._check_bn_prior(request.bn_weight != 0.0)
         self._require(caller, rule, wanted)
         images = self._images(request.images)
         grad_logits = decode(
@@ -254,10 +268,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         images = decode(
             message,
             name="images",
-            expected_shape=(None, *self._engine.info.input_shape),
+            expected_shape=(None, self._engine.info.input_shape[0], None, None),
             limits=self._limits,
             allowed_dtypes=self._dtypes,
         )
+        side = self._engine.info.max_image_side
+        if images.shape[2] > side or images.shape[3] > side:
+            raise LimitExceeded(
+                f"images of {images.shape[2]}x{images.shape[3]} exceed this node's "
+                f"max_image_side {side}: use a smaller run image_shape"
+            )
         if images.shape[0] < 2:
             raise InvalidInput("a batch needs at least 2 images (BatchNorm batch statistics)")
         return images.to(self._engine.dtype)

@@ -14,14 +14,14 @@ from torch import Tensor
 
 from cdfkd.coordinator.flower.data import owner_data
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
-from cdfkd.student_node.artifact import load_student
+from cdfkd.student_node.artifact import load_student, student_image_space
 from cdfkd.student_node.evaluate import header_logits
 from cdfkd.student_node.models.aggregator import (
     AttentionAggregator,
     AttentionConfig,
     train_attention,
 )
-from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.image_space import resize
 from cdfkd.teacher_node.metrics import accuracy
 
 
@@ -40,12 +40,14 @@ class OwnerLogits:
 def owner_logits(settings: FederatedAttentionSettings, owner: int) -> OwnerLogits:
     """Run the frozen student once over the owner's data (cached across rounds)."""
     student, _, _, infos = load_student(settings.student_dir)
-    normalization = Normalization(mean=infos[0].normalization_mean, std=infos[0].normalization_std)
-    data = owner_data(settings, owner, normalization)
+    space = student_image_space(settings.student_dir)
+    data = owner_data(settings, owner, space.normalization)
+    # Resizing commutes with the per-channel normalization (bilinear weights sum to 1).
+    size = space.image_shape[1:]
     return OwnerLogits(
-        sample_logits=header_logits(student, data.sample_images),
+        sample_logits=header_logits(student, resize(data.sample_images, size)),
         sample_labels=data.sample_labels,
-        test_logits=header_logits(student, data.test_images),
+        test_logits=header_logits(student, resize(data.test_images, size)),
         test_labels=data.test_labels,
         num_classes=infos[0].num_classes,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
+from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, TeacherInfo, TeacherOutputs
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.package import load_package
@@ -16,8 +16,11 @@ from cdfkd.teacher_node.package import load_package
 class InProcessTeacher:
     """A teacher computed locally by the same engine a teacher node serves.
 
+    It takes run-space images (``teacher_node/image_space.py``) as a node does; the engine
+    resizes and normalizes them. A teacher without BatchNorm does not offer ``bn_loss``.
+
     Args:
-        engine: The engine over the teacher model.
+        engine: The engine over the teacher model (built with ``normalization``).
         name: The teacher's name.
         normalization: The normalization the teacher expects.
     """
@@ -32,13 +35,16 @@ class InProcessTeacher:
             feature_dim=info.feature_dim,
             normalization_mean=normalization.mean,
             normalization_std=normalization.std,
+            allowed_outputs=ALL_OUTPUTS if info.has_bn_prior else ALL_OUTPUTS - {"bn_loss"},
         )
 
     @classmethod
     def from_package(cls, directory: Path, device: torch.device | None = None) -> InProcessTeacher:
         """Load a teacher package (see ``cdfkd teacher train``) onto ``device`` (default CPU)."""
         metadata, model = load_package(directory)
-        engine = TeacherEngine(model.to(device or torch.device("cpu")), metadata.spec.input_shape)
+        engine = TeacherEngine(
+            model.to(device or torch.device("cpu")), metadata.input_shape, metadata.normalization
+        )
         return cls(engine, metadata.name, metadata.normalization)
 
     def info(self) -> TeacherInfo:

@@ -9,7 +9,6 @@ error whose message says what to do. gRPC channels do not pickle: pass a
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,14 +174,17 @@ class RemoteTeacher:
             feature_dim=metadata.feature_dim,
             normalization_mean=tuple(metadata.normalization_mean),
             normalization_std=tuple(metadata.normalization_std),
-            allowed_outputs=frozenset(metadata.allowed_outputs),
+            # A teacher without BatchNorm has no R(x) to give, whatever the caller may ask.
+            allowed_outputs=frozenset(metadata.allowed_outputs)
+            - (frozenset() if metadata.has_bn_prior else frozenset({"bn_loss"})),
         )
         self._directions = torch.Generator().manual_seed(config.seed)
         batch = max(1, metadata.max_batch)
+        side = max(metadata.max_image_side, *self._info.input_shape[1:])
         self._limits = TensorLimits(
             max_rank=4,
             max_elements=batch
-            * max(metadata.num_classes, metadata.feature_dim, math.prod(self._info.input_shape)),
+            * max(metadata.num_classes, metadata.feature_dim, self._info.input_shape[0] * side**2),
         )
 
     def close(self) -> None:

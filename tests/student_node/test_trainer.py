@@ -117,11 +117,14 @@ def test_errors_survive_pickling() -> None:
 def test_incompatible_teachers_are_refused() -> None:
     a = TeacherInfo("a", (1, 16, 16), 10, 84, (0.1,), (0.3,))
     b = TeacherInfo("b", (1, 16, 16), 9, 84, (0.1,), (0.3,))
-    c = TeacherInfo("c", (1, 16, 16), 10, 84, (0.2,), (0.3,))
+    c = TeacherInfo("c", (3, 16, 16), 10, 84, (0.2,) * 3, (0.3,) * 3)
     with pytest.raises(IncompatibleTeachers, match="num_classes"):
         check_teachers([a, b])
-    with pytest.raises(IncompatibleTeachers, match="normalization_mean"):
+    with pytest.raises(IncompatibleTeachers, match="'a' has 1, 'c' has 3"):
         build_student(TrainConfig(), [a, c])
+    # Other input sizes and normalizations are bridged by the run image space.
+    d = TeacherInfo("d", (1, 32, 32), 10, 84, (0.5,), (0.2,))
+    assert check_teachers([a, d]) is a
 
 
 def test_heterogeneous_teachers_train_together(mixed_teachers) -> None:
