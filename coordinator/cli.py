@@ -144,10 +144,12 @@ def _cmd_teacher_package(args: argparse.Namespace) -> int:
 
 
 def _cmd_teacher_serve(args: argparse.Namespace) -> int:
-    from cdfkd.teacher_node.config import load_teacher_config
+    from cdfkd.teacher_node.config import check_files_exist, load_teacher_config
     from cdfkd.teacher_node.server import serve
 
-    return serve(load_teacher_config(Path(args.config)))
+    config = load_teacher_config(Path(args.config))
+    check_files_exist(config, Path(args.config))
+    return serve(config)
 
 
 def _cmd_teacher_audit_summary(args: argparse.Namespace) -> int:

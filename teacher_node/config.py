@@ -159,3 +159,24 @@ def load_teacher_config(path: Path) -> TeacherNodeConfig:
     """
     data = read_toml(path, TeacherConfigError)
     return parse_teacher_config(data, base=Path(path).resolve().parent)
+
+
+def check_files_exist(config: TeacherNodeConfig, path: Path) -> None:
+    """Name every file a node serving ``config`` (read from ``path``) needs that is missing.
+
+    Raises:
+        TeacherConfigError: naming each missing file and where relative paths resolve.
+    """
+    base = Path(path).resolve().parent
+    wanted = {"node.package": config.node.package}
+    if not config.tls.insecure:
+        wanted.update(
+            {f"tls.{key}": getattr(config.tls, key) for key in ("cert", "key", "client_ca")}
+        )
+    missing = [f"{key} = {file}" for key, file in wanted.items() if file and not file.exists()]
+    if missing:
+        raise TeacherConfigError(
+            f"{path}: missing {'; '.join(missing)}. Relative paths resolve against the config "
+            f"file's folder {base}: put the package ('cdfkd teacher package' or 'cdfkd teacher "
+            "train') and the certificates ('cdfkd pki dev') there, or use absolute paths"
+        )

@@ -179,7 +179,8 @@ def read_metadata(directory: Path) -> TeacherMetadata:
         raw = json.loads(path.read_text())
     except FileNotFoundError as error:
         raise PackageError(
-            f"{path} not found: is {directory} a teacher package made by 'cdfkd teacher train'?"
+            f"{path} not found: is {directory} a teacher package made by 'cdfkd teacher "
+            "package' or 'cdfkd teacher train'?"
         ) from error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PackageError(f"{path} is not valid JSON: {error}") from error
