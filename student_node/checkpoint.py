@@ -30,9 +30,14 @@ FORMAT_VERSION = 1
 _NON_MATH_FIELDS = {"epochs", "attention"}
 
 
+#: Fields added later: left out while unset, so earlier checkpoints keep their fingerprint.
+_LATER_FIELDS = ("image_shape", "normalization")
+
+
 def config_fingerprint(config: TrainConfig) -> str:
     """sha256 of every config field that changes the math of training."""
-    data = config.model_dump_json(exclude=_NON_MATH_FIELDS)
+    unset = {name for name in _LATER_FIELDS if getattr(config, name) is None}
+    data = config.model_dump_json(exclude=_NON_MATH_FIELDS | unset)
     return hashlib.sha256(data.encode()).hexdigest()
 
 
