@@ -66,7 +66,11 @@ def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
             "wire_dtypes",
             "mode",
             "remaining_budget",
+            "has_bn_prior",  # a yes/no, not the layers or their statistics
+            "max_image_side",
         }
+        assert remote.metadata.has_bn_prior
+        assert remote.metadata.max_image_side == 512
         with pytest.raises(TeacherRefused, match=r"does not allow \['bn_loss'\]"):
             remote.query(torch.randn(4, *SHAPE))
         # Without input gradients the student side estimates them from logits instead...
