@@ -21,7 +21,8 @@ class TeacherInfo:
 
     Attributes:
         name: The owner's name for the teacher.
-        input_shape: ``(C, H, W)`` of normalized inputs.
+        input_shape: ``(C, H, W)`` of the teacher's own input (queries may have another H, W:
+            the teacher resizes them).
         num_classes: Size of the label space.
         feature_dim: Width of the penultimate feature g_i.
         normalization_mean: Per-channel mean the teacher was trained with.
@@ -68,8 +69,10 @@ class Teacher(Protocol):
     ) -> TeacherOutputs:
         """Logits (and features, R(x) when asked) for ``images`` float32 (B, C, H, W).
 
-        No gradient flows. The student step asks for features, the generator step for R(x);
-        what is not asked for is neither computed nor sent.
+        ``images`` are run-space pixels on the [0, 1] scale (``teacher_node/image_space.py``);
+        the trainer sees teachers through ``RunSpaceTeacher``, which takes standardized images
+        and maps them. No gradient flows. The student step asks for features, the generator
+        step for R(x); what is not asked for is neither computed nor sent.
         """
         ...
 
