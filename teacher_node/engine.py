@@ -13,6 +13,7 @@ the [0, 1] scale at the run's size. The engine brings it to the teacher's own si
 and normalization inside the differentiable forward pass, so ``input_grad`` is the exact
 gradient with respect to the run-space images, and an in-process teacher and a teacher node
 compute the same thing bit for bit.
+
 Forward hooks live only for the duration of one call and hand their values back through
 a local list, so no state survives between calls (STYLE.md anti-pattern 7).
 """
