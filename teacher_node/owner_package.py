@@ -7,8 +7,8 @@ feature, and does a dry forward pass through the same engine a node serves; any 
 
 ``--exported FILE.pt2`` (a ``torch.export`` program) is not offered: in torch 2.13,
 ``torch.export.load`` reads a flag stored in the archive that makes it load weights and
-constants with ``torch.load(weights_only=False)`` or ``pickle.loads``, so a crafted file runs
-code when it is loaded (see README, "Teacher nodes").
+constants with an unrestricted ``torch.load`` (weights-only off) or with plain pickle, so a
+crafted file runs code when it is loaded (see README, "Teacher nodes").
 """
 
 from __future__ import annotations
