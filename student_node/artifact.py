@@ -9,21 +9,64 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from cdfkd.student_node.config import TrainConfig
 from cdfkd.student_node.errors import CheckpointError
 from cdfkd.student_node.models.aggregator import AttentionAggregator
 from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, TeacherInfo
 from cdfkd.student_node.trainer import build_student
+from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.errors import DatasetError
+from cdfkd.teacher_node.image_space import to_model_input
 
 STUDENT_FILE = "student.safetensors"
 AGGREGATOR_FILE = "aggregator.safetensors"
 METADATA_FILE = "student.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentInputSpace:
+    """The images the student takes: ``shape`` ``(C, H, W)`` and per-channel ``normalization``."""
+
+    shape: tuple[int, int, int]
+    normalization: Normalization
+
+    def prepare(self, pixels: Tensor, source: str) -> Tensor:
+        """Real images of any size as the student sees them (resized, then normalized).
+
+        Args:
+            pixels: float32 ``(N, C, H, W)`` in [0, 1], e.g. ``ImageDataset.images``.
+            source: Where they come from, for the error message.
+
+        Raises:
+            DatasetError: their channel count is not the student's.
+        """
+        channels = int(pixels.shape[1])
+        if channels != self.shape[0]:
+            raise DatasetError(
+                f"{source}: {channels}-channel images, but the student takes {self.shape[0]} "
+                "channels (grayscale and colour data cannot be mixed)"
+            )
+        return to_model_input(pixels, self.shape, self.normalization)
+
+
+def student_input_space(infos: Sequence[TeacherInfo]) -> StudentInputSpace:
+    """The student's image shape and normalization: the one place that decides them.
+
+    Today the student works in its teachers' input space, which the run requires them to share
+    (``check_teachers``), so the first teacher's shape and normalization are the student's.
+    """
+    first = infos[0]
+    return StudentInputSpace(
+        shape=first.input_shape,
+        normalization=Normalization(mean=first.normalization_mean, std=first.normalization_std),
+    )
 
 
 def _save_module(module: nn.Module, path: Path) -> None:

@@ -14,14 +14,13 @@ from torch import Tensor
 
 from cdfkd.coordinator.flower.data import owner_data
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
-from cdfkd.student_node.artifact import load_student
+from cdfkd.student_node.artifact import load_student, student_input_space
 from cdfkd.student_node.evaluate import header_logits
 from cdfkd.student_node.models.aggregator import (
     AttentionAggregator,
     AttentionConfig,
     train_attention,
 )
-from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.metrics import accuracy
 
 
@@ -40,8 +39,7 @@ class OwnerLogits:
 def owner_logits(settings: FederatedAttentionSettings, owner: int) -> OwnerLogits:
     """Run the frozen student once over the owner's data (cached across rounds)."""
     student, _, _, infos = load_student(settings.student_dir)
-    normalization = Normalization(mean=infos[0].normalization_mean, std=infos[0].normalization_std)
-    data = owner_data(settings, owner, normalization)
+    data = owner_data(settings, owner, student_input_space(infos), infos[0].num_classes)
     return OwnerLogits(
         sample_logits=header_logits(student, data.sample_images),
         sample_labels=data.sample_labels,
