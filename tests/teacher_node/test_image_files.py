@@ -186,8 +186,10 @@ def test_split_layout_refusals(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="has no test split"):
         load_train_and_test(root)
     single = _npz(tmp_path / "one.npz", images=images, labels=labels)
-    with pytest.raises(DatasetError, match="one set of images"):
+    with pytest.raises(DatasetError, match="holds one set of images"):
         load_train_and_test(single)
+    with pytest.raises(DatasetError, match="holds one set of images"):
+        load_train_and_test(root / "train")
     write_shape_folder(root / "test", per_class=1, size=24)
     with pytest.raises(DatasetError, match=r"\(3, 16, 16\) but test images are \(3, 24, 24\)"):
         load_train_and_test(root)
