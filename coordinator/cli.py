@@ -220,8 +220,8 @@ def _cmd_flower_run(args: argparse.Namespace) -> int:
         given = [f"--{key}" for key, value in shards.items() if value != ""]
         if given:
             raise ConfigError(
-                f"--owner-data: each organization reads its own files; {', '.join(given)} "
-                "describe shards of a named dataset and cannot be combined with it"
+                f"{', '.join(given)}: shards of a named dataset, not combined with "
+                "--owner-data (each organization reads its own files)"
             )
         if args.owners is not None and args.owners != len(owner_paths):
             raise ConfigError(

@@ -135,17 +135,16 @@ def load_train_and_test(
         missing = [s.value for s in Split if s not in splits]
         if not source.exists():
             raise DatasetError(f"{source}: no such file or folder")
-        if source.is_file():
+        if len(missing) == len(Split):
             raise DatasetError(
-                f"{source}: one file is one set of images, but a training and a test split "
-                "are needed: a folder with train/ and test/ (class folders), or with train.npz "
+                f"{source}: holds one set of images, but a training and a test split are "
+                "needed: a folder with train/ and test/ (class folders), or with train.npz "
                 "and test.npz"
             )
         if missing:
             raise DatasetError(
-                f"{source}: needs a training and a test split, and has no "
-                f"{' and no '.join(missing)} split: put them in {source}/train/ and "
-                f"{source}/test/ (class folders), or {source}/train.npz and {source}/test.npz"
+                f"{source}: has no {missing[0]} split (expected {source}/{missing[0]}/ with "
+                f"class folders, or {source}/{missing[0]}.npz)"
             )
     train = load_labelled_images(source, Split.TRAIN, root=root, num_classes=num_classes)
     test = load_labelled_images(source, Split.TEST, root=root, num_classes=num_classes)
