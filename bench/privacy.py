@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
-from cdfkd.coordinator.config import RunConfig, RunSettings  # noqa: E402
+from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa: E402
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig  # noqa: E402
+from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 
 logger = logging.getLogger("bench.privacy")
@@ -102,6 +103,7 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
                 )
             )
         config = RunConfig(
+            data=DataConfig(dataset=DatasetName.FASHION_MNIST),
             teachers=tuple(
                 RemoteTeacherConfig(
                     address=n.address,

@@ -26,9 +26,16 @@ from typing import Any, Literal
 
 import torch
 
-from cdfkd.coordinator.config import PackageTeacher, RunConfig, RunSettings, dump_run_config
+from cdfkd.coordinator.config import (
+    DataConfig,
+    PackageTeacher,
+    RunConfig,
+    RunSettings,
+    dump_run_config,
+)
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.config import Method, TrainConfig
+from cdfkd.teacher_node.datasets import DatasetName
 from cdfkd.teacher_node.package import read_metadata
 from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
 
@@ -207,6 +214,7 @@ def run_method(method: Method, packages: list[Path], out: Path, plan: Plan) -> d
     fixed = {"method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
     train = TrainConfig.model_validate(_merged(plan.settings(), fixed))
     config = RunConfig(
+        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train,
         run=RunSettings(

@@ -66,6 +66,7 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
         name=args.name or Path(args.out).name,
         dataset=args.dataset,
         data_path=args.data_path,
+        data=args.data,
         architecture=args.architecture,
         depth=args.depth,
         width=args.width,
@@ -241,8 +242,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cdfkd.coordinator.evaluation import evaluate_run
+    from cdfkd.teacher_node.datasets import DatasetName
 
-    print(json.dumps(evaluate_run(Path(args.run), args.data_path), indent=2))
+    dataset = None if args.dataset is None else DatasetName(args.dataset)
+    result = evaluate_run(Path(args.run), args.data_path, files=args.data, dataset=dataset)
+    print(json.dumps(result, indent=2))
     return ExitCode.OK
 
 
@@ -266,23 +270,56 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _owner_data(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
+    """The ``--owner-data NAME=PATH`` entries: names and paths in owner order."""
+    names: list[str] = []
+    paths: list[Path] = []
+    for entry in args.owner_data:
+        name, separator, path = entry.partition("=")
+        name = name.strip()
+        if not separator or not name or not path:
+            raise ConfigError(f"--owner-data {entry!r}: expected NAME=PATH")
+        if name in names:
+            raise ConfigError(f"--owner-data: organization {name!r} is given twice")
+        names.append(name)
+        paths.append(Path(path).resolve())
+    return names, paths
+
+
 def _cmd_flower_run(args: argparse.Namespace) -> int:
     import shutil
 
-    from cdfkd.coordinator.flower.server_app import AGGREGATOR_FILE
+    from cdfkd.coordinator.flower.server_app import AGGREGATOR_FILE, SUMMARY_FILE
     from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
 
     out = Path(args.out).resolve()
+    names, owner_paths = _owner_data(args)
+    shards = {
+        "dataset": args.dataset or "",
+        "data-path": str(args.data_path or ""),
+        "partition": args.partition or "",
+        "alpha": "" if args.alpha is None else args.alpha,
+        "shard-seed": "" if args.shard_seed is None else args.shard_seed,
+    }
+    if owner_paths:
+        given = [f"--{key}" for key, value in shards.items() if value != ""]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: shards of a named dataset, not combined with "
+                "--owner-data (each organization reads its own files)"
+            )
+        if args.owners is not None and args.owners != len(owner_paths):
+            raise ConfigError(
+                f"--owners {args.owners} but {len(owner_paths)} --owner-data entries: "
+                "leave out --owners"
+            )
     settings = FederatedAttentionSettings.from_flat(
         {
+            **shards,
             "student-dir": str(Path(args.student).resolve()),
             "out-dir": str(out),
-            "dataset": args.dataset,
-            "data-path": str(args.data_path or ""),
-            "num-owners": args.owners,
-            "partition": args.partition,
-            "alpha": args.alpha,
-            "shard-seed": args.shard_seed,
+            "owner-files": bool(owner_paths),
+            "num-owners": len(owner_paths) or args.owners or 3,
             "samples-per-owner": args.samples_per_owner,
             "rounds": args.rounds,
             "local-epochs": args.local_epochs,
@@ -290,11 +327,20 @@ def _cmd_flower_run(args: argparse.Namespace) -> int:
     )
     from cdfkd.student_node.artifact import load_student
 
-    load_student(settings.student_dir)  # a missing or unreadable student: exit 2 before Flower
+    # A missing or unreadable student, or owners' files that do not fit it: exit 2 before Flower.
+    _, _, _, infos = load_student(settings.student_dir)
+    if owner_paths:
+        from cdfkd.student_node.artifact import student_image_space
+        from cdfkd.teacher_node.data_sources import load_train_and_test
+
+        space = student_image_space(settings.student_dir)
+        for path in owner_paths:
+            _, test = load_train_and_test(path, num_classes=infos[0].num_classes)
+            space.prepare(test.images[:1], str(path))
     if args.runtime == "simulation":
         from cdfkd.coordinator.flower.simulation import simulate
 
-        summary = simulate(settings)
+        summary = simulate(settings, owner_data=owner_paths)
     else:
         from cdfkd.coordinator.flower.deployment import FlowerTls, run_local_deployment
 
@@ -307,7 +353,11 @@ def _cmd_flower_run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"--pki {pki}: {path.name} is missing ('cdfkd pki dev' writes it)"
                 )
-        summary = run_local_deployment(settings, tls, out / "deployment")
+        summary = run_local_deployment(settings, tls, out / "deployment", owner_data=owner_paths)
+    if names:
+        for owner in summary["owners"]:
+            owner["name"] = names[owner["owner"]]
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     if args.install:
         shutil.copyfile(out / AGGREGATOR_FILE, settings.student_dir / AGGREGATOR_FILE)
         logger.info("federated attention installed into %s", settings.student_dir)
@@ -350,10 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     train_teacher.add_argument("--out", required=True, help="package folder to write")
     train_teacher.add_argument("--name", help="teacher name (default: the folder name)")
     train_teacher.add_argument(
-        "--dataset", default="fashion_mnist", choices=["fashion_mnist", "digits"]
+        "--dataset",
+        choices=["fashion_mnist", "digits"],
+        help="a named dataset (default: fashion_mnist unless --data is given)",
     )
     train_teacher.add_argument(
         "--data-path", type=Path, help="folder of the Fashion-MNIST IDX files"
+    )
+    train_teacher.add_argument(
+        "--data",
+        type=Path,
+        help="the owner's own images: a folder with train/ and test/ (class folders of "
+        ".png/.jpg) or train.npz and test.npz",
     )
     train_teacher.add_argument(
         "--architecture", default="lenet5_bn", choices=["lenet5_bn", "resnet"]
@@ -485,6 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--run", required=True, help="output folder of 'cdfkd train' or 'cdfkd demo'"
     )
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        help="labelled test images: an image folder or .npz (its test split if it has splits); "
+        "default: the run's own [data]",
+    )
+    evaluate.add_argument(
+        "--dataset", choices=["fashion_mnist", "digits"], help="a named dataset instead"
+    )
     evaluate.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -526,13 +593,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flower_run.add_argument("--pki", type=Path, help="'cdfkd pki dev' folder (deployment)")
     flower_run.add_argument(
-        "--dataset", default="fashion_mnist", choices=["fashion_mnist", "digits"]
+        "--owner-data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="one organization and its own files (repeatable, one per organization): a folder "
+        "with train/ and test/ (class folders) or train.npz and test.npz",
+    )
+    flower_run.add_argument(
+        "--dataset",
+        choices=["fashion_mnist", "digits"],
+        help="owners as shards of a named dataset (default fashion_mnist, without --owner-data)",
     )
     flower_run.add_argument("--data-path", type=Path, help="folder of the Fashion-MNIST IDX files")
-    flower_run.add_argument("--owners", type=int, default=3, help="organizations (SuperNodes)")
-    flower_run.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
-    flower_run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    flower_run.add_argument("--shard-seed", type=int, default=0)
+    flower_run.add_argument(
+        "--owners", type=int, help="organizations (SuperNodes; default 3, or one per --owner-data)"
+    )
+    flower_run.add_argument(
+        "--partition", choices=["iid", "dirichlet"], help="how shards are cut (default iid)"
+    )
+    flower_run.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.5)")
+    flower_run.add_argument("--shard-seed", type=int, help="seed of the shards (default 0)")
     flower_run.add_argument("--samples-per-owner", type=int, default=20, help="k per owner")
     flower_run.add_argument("--rounds", type=int, default=10)
     flower_run.add_argument("--local-epochs", type=int, default=20)

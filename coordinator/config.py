@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from cdfkd.coordinator.errors import ConfigError
-from cdfkd.student_node.config import TrainConfig
+from cdfkd.student_node.config import Method, TrainConfig
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
 from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
+from cdfkd.teacher_node.data_sources import DataSource
 from cdfkd.teacher_node.datasets import DatasetName
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -47,14 +48,33 @@ class DataConfig(BaseModel):
     """Real data the coordinator may use.
 
     Test data for evaluation, k samples for attention, and the owners' training data for the
-    kd_real upper bound.
+    kd_real upper bound: a named ``dataset`` (``path``: the Fashion-MNIST folder), or ``files``,
+    an image folder or ``.npz`` pair with ``train`` and ``test`` splits. A run config without a
+    ``[data]`` table uses no real data at all (data-free).
     """
 
     model_config = _FROZEN
 
-    dataset: DatasetName = DatasetName.FASHION_MNIST
+    dataset: DatasetName | None = None
     path: Path | None = None
+    files: Path | None = None
     eval_samples: int = Field(default=2000, ge=10, description="test images used during training")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.files is not None and (self.dataset is not None or self.path is not None):
+            raise ValueError(
+                "give data.files (the owners' image folder or .npz) or data.dataset/data.path "
+                "(a named dataset), not both"
+            )
+        return self
+
+    @property
+    def source(self) -> DataSource:
+        """The files, else the named dataset (Fashion-MNIST by default)."""
+        if self.files is not None:
+            return self.files
+        return self.dataset or DatasetName.FASHION_MNIST
 
 
 class PackageTeacher(BaseModel):
@@ -100,7 +120,7 @@ class RunConfig(BaseModel):
 
     model_config = _FROZEN
 
-    data: DataConfig = DataConfig()
+    data: DataConfig | None = None
     teachers: tuple[TeacherEntry, ...] = Field(min_length=1)
     train: TrainConfig = TrainConfig()
     run: RunSettings = RunSettings()
@@ -115,6 +135,7 @@ def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfi
     config = validate(
         RunConfig, data, "run config", ConfigError, union_tags=frozenset({"package", "remote"})
     )
+    check_data_for_method(config)
     if base is None:
         return config
 
@@ -128,9 +149,24 @@ def parse_run_config(data: dict[str, Any], base: Path | None = None) -> RunConfi
         for entry in config.teachers
     )
     data_config = config.data
-    if data_config.path is not None and not data_config.path.is_absolute():
-        data_config = data_config.model_copy(update={"path": base / data_config.path})
+    if data_config is not None:
+        data_config = data_config.model_copy(
+            update={key: resolve(getattr(data_config, key)) for key in ("path", "files")}
+        )
     return config.model_copy(update={"teachers": teachers, "data": data_config})
+
+
+def check_data_for_method(config: RunConfig) -> None:
+    """Refuse a method that trains on real images in a run without a ``[data]`` table.
+
+    Raises:
+        ConfigError: ``train.method = "kd_real"`` and no ``data``.
+    """
+    if config.data is None and config.train.method is Method.KD_REAL:
+        raise ConfigError(
+            "invalid run config: 'data': train.method = 'kd_real' trains on the owners' real "
+            "images and needs a [data] table (dataset = ... or files = ...)"
+        )
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -32,6 +32,7 @@ from cdfkd.student_node.checkpoint import latest_checkpoint
 from cdfkd.student_node.config import GeneratorConfig, Method, OptimizerConfig, TrainConfig
 from cdfkd.student_node.models.aggregator import AttentionConfig
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+from cdfkd.teacher_node.data_sources import load_labelled_images
 from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset
 from cdfkd.teacher_node.errors import PackageError
 from cdfkd.teacher_node.package import read_metadata
@@ -80,7 +81,7 @@ def _ensure_teacher(job: TeacherJob, directory: Path) -> None:
     """Reuse a cached package made for the same owner and data; otherwise (re)train it."""
     try:
         metadata = read_metadata(directory)
-        dataset = load_dataset(job.dataset, Split.TEST, job.data_path)
+        dataset = load_labelled_images(job.source, Split.TEST, root=job.data_path)
         if metadata.name == job.name and metadata.input_shape == dataset.input_shape:
             logger.info("reusing teacher package %s", directory)
             return

@@ -112,6 +112,30 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         f"Method: `{summary['method']}`; {summary['iterations']} iterations in "
         f"{summary['train_seconds']:.0f} s on {summary['device']}.",
         "",
+    ]
+    if summary.get("data") is None:
+        lines += [
+            "Data-free run: the student side read no real image, so no accuracy was computed "
+            "here and no attention module was trained. Each organization trains the attention "
+            "and evaluates the student on its own data with `cdfkd flower run`.",
+            "",
+        ]
+    else:
+        lines += _accuracy_table(summary)
+    lines += [
+        f"Student parameters: {summary['student_parameters']:,}; "
+        f"teacher parameters (each, stays with its owner): "
+        f"{', '.join(_count(n) for n in summary['teacher_parameters'])}.",
+        "",
+    ]
+    lines += [f"![{name}]({name})" for name in plots]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _accuracy_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Test data: `{summary['data']}`.",
+        "",
         "| model | test accuracy |",
         "|---|---|",
     ]
@@ -129,15 +153,7 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         f"| student, attention (k = {summary['attention_samples']}) | "
         f"{_percent(summary['student_accuracy_attention'])} |"
     )
-    lines += [
-        "",
-        f"Student parameters: {summary['student_parameters']:,}; "
-        f"teacher parameters (each, stays with its owner): "
-        f"{', '.join(_count(n) for n in summary['teacher_parameters'])}.",
-        "",
-    ]
-    lines += [f"![{name}]({name})" for name in plots]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return [*lines, ""]
 
 
 def generator_samples(generator: torch.nn.Module, latent_dim: int, count: int) -> Tensor:

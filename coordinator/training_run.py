@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdfkd.coordinator.config import PackageTeacher, RunConfig, dump_run_config, resolve_device
+from cdfkd.coordinator.config import (
+    PackageTeacher,
+    RunConfig,
+    check_data_for_method,
+    dump_run_config,
+    resolve_device,
+)
 from cdfkd.coordinator.errors import ConfigError
 from cdfkd.coordinator.progress import MetricsWriter, ProgressReporter, read_metrics
 from cdfkd.coordinator.report import (
@@ -69,14 +75,8 @@ from cdfkd.student_node.trainer import (
     init_state,
     train,
 )
-from cdfkd.teacher_node.datasets import (
-    ImageDataset,
-    Normalization,
-    Split,
-    load_dataset,
-    stratified_sample,
-)
-from cdfkd.teacher_node.image_space import to_model_input
+from cdfkd.teacher_node.data_sources import describe_source, load_train_and_test
+from cdfkd.teacher_node.datasets import ImageDataset, stratified_sample
 from cdfkd.teacher_node.package import read_metadata
 
 logger = logging.getLogger(__name__)
@@ -95,27 +95,34 @@ class RunResult:
     train_seconds: float
     stopped_early: bool
     device: str
-    teachers: TeacherEvaluation
+    teachers: TeacherEvaluation | None
     teacher_parameters: list[int | None]
-    student: StudentEvaluation
+    student: StudentEvaluation | None
     student_parameters: int
     attention_samples: int
     teacher_traffic: list[dict[str, Any]]
+    data: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The flat summary written to ``result.json`` (and extended by the demo)."""
+        """The flat summary written to ``result.json`` (and extended by the demo).
+
+        ``data`` names the real data the coordinator used; in a data-free run it is None, and
+        so are every accuracy (none is computed) and ``attention_samples`` is 0.
+        """
+        teachers, student = self.teachers, self.student
         return {
             "method": self.method,
             "device": self.device,
+            "data": self.data,
             "iterations": self.iterations,
             "train_seconds": round(self.train_seconds, 2),
             "stopped_early": self.stopped_early,
-            "teacher_accuracies": self.teachers.teachers,
-            "teacher_ensemble_accuracy": self.teachers.ensemble,
+            "teacher_accuracies": None if teachers is None else teachers.teachers,
+            "teacher_ensemble_accuracy": None if teachers is None else teachers.ensemble,
             "teacher_parameters": self.teacher_parameters,
-            "student_header_accuracies": self.student.headers,
-            "student_accuracy_mean": self.student.mean,
-            "student_accuracy_attention": self.student.attention,
+            "student_header_accuracies": None if student is None else student.headers,
+            "student_accuracy_mean": None if student is None else student.mean,
+            "student_accuracy_attention": None if student is None else student.attention,
             "student_parameters": self.student_parameters,
             "attention_samples": self.attention_samples,
             "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
@@ -142,22 +149,27 @@ def close_teachers(teachers: list[Teacher]) -> None:
             teacher.close()
 
 
+@dataclass(frozen=True)
+class _RealData:
+    """The run's real data: pixel-space splits and the test images as the student sees them."""
+
+    source: str
+    train: ImageDataset
+    test: ImageDataset
+    test_images: Tensor
+
+
 def _real_data(
-    config: RunConfig, input_shape: tuple[int, ...]
-) -> tuple[ImageDataset, ImageDataset]:
-    train_set = load_dataset(config.data.dataset, Split.TRAIN, config.data.path)
-    test_set = load_dataset(config.data.dataset, Split.TEST, config.data.path)
-    if test_set.input_shape[0] != input_shape[0]:
-        raise ConfigError(
-            f"data.dataset {config.data.dataset.value} has images {test_set.input_shape} but the "
-            f"teachers take {input_shape[0]} channels"
-        )
-    return train_set, test_set
-
-
-def student_images(pixels: Tensor, space: RunImageSpace) -> Tensor:
-    """Real [0, 1] images as the student reads them: resized to the run shape, normalized."""
-    return to_model_input(pixels, space.image_shape, space.normalization)
+    config: RunConfig, space: RunImageSpace, num_classes: int, device: torch.device
+) -> _RealData | None:
+    """The ``[data]`` splits (None in a data-free run), checked against the student."""
+    if config.data is None:
+        return None
+    source = describe_source(config.data.source)
+    train_set, test_set = load_train_and_test(
+        config.data.source, root=config.data.path, num_classes=num_classes
+    )
+    return _RealData(source, train_set, test_set, space.prepare(test_set.images, source).to(device))
 
 
 class _Interval:
@@ -219,6 +231,7 @@ def run_training(
     device = resolve_device(config.run.device)
     if config.run.threads is not None:
         torch.set_num_threads(config.run.threads)
+    check_data_for_method(config)
     found = prepare_output(out, resume)
     (out / "config.json").write_text(dump_run_config(config) + "\n")
 
@@ -251,7 +264,7 @@ def _distill(
 ) -> RunResult:
     checkpoints = out / CHECKPOINT_DIR
     infos = [teacher.info() for teacher in teachers]
-    check_teachers(infos)
+    first = check_teachers(infos)
     space = resolve_image_space(infos, config.train.image_shape, config.train.normalization)
     normalization = space.normalization
     # The trainer works on standardized run-space images; each teacher gets them as pixels.
@@ -262,17 +275,18 @@ def _distill(
         normalization.mean,
         normalization.std,
     )
-    train_set, test_set = _real_data(config, space.image_shape)
-    test_images = student_images(test_set.images, space).to(device)
-    test_labels = test_set.labels.to(device)
-    eval_images = test_images[: config.data.eval_samples]
-    eval_labels = test_labels[: config.data.eval_samples]
+    real = _real_data(config, space, first.num_classes, device)
     train_config = config.train
     real_images = (
-        student_images(train_set.images, space).to(device)
-        if train_config.method is Method.KD_REAL
+        space.prepare(real.train.images, real.source).to(device)
+        if real is not None and train_config.method is Method.KD_REAL
         else None
     )
+    if real is None:
+        logger.info(
+            "no [data] table: a data-free run, no real image is read and no accuracy is "
+            "computed here; the owners train the attention and evaluate with 'cdfkd flower run'"
+        )
 
     state = init_state(train_config, infos, device, space.image_shape)
     fingerprint = config_fingerprint(train_config)
@@ -293,7 +307,12 @@ def _distill(
         writer.iteration(metrics, elapsed())
 
     def evaluate_now(state: TrainState, metrics: IterationMetrics) -> None:
-        result = evaluate_student(state.student, eval_images, eval_labels)
+        if real is None or config.data is None:
+            return
+        count = config.data.eval_samples
+        result = evaluate_student(
+            state.student, real.test_images[:count], real.test.labels[:count].to(device)
+        )
         writer.write(
             "eval",
             iteration=metrics.iteration,
@@ -350,16 +369,21 @@ def _distill(
     save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
 
-    teacher_result = evaluate_teachers(run_teachers, test_images, test_labels)
-    aggregator = _fit_attention(state, train_set, space, config, device)
-    student_result = evaluate_student(state.student, test_images, test_labels, aggregator)
+    teacher_result: TeacherEvaluation | None = None
+    student_result: StudentEvaluation | None = None
+    aggregator: AttentionAggregator | None = None
+    if real is not None:
+        test_labels = real.test.labels.to(device)
+        teacher_result = evaluate_teachers(run_teachers, real.test_images, test_labels)
+        aggregator = _fit_attention(state, real, space, config, device)
+        student_result = evaluate_student(state.student, real.test_images, test_labels, aggregator)
     writer.write(
         "final",
         iteration=state.iteration,
         elapsed=round(train_seconds, 3),
-        accuracy_mean=student_result.mean,
-        accuracy_attention=student_result.attention,
-        accuracy_headers=student_result.headers,
+        accuracy_mean=None if student_result is None else student_result.mean,
+        accuracy_attention=None if student_result is None else student_result.attention,
+        accuracy_headers=None if student_result is None else student_result.headers,
     )
     writer.close()
     save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos, space)
@@ -375,7 +399,7 @@ def _distill(
         teacher_parameters=[_teacher_parameters(config, i) for i in range(len(teachers))],
         student=student_result,
         student_parameters=sum(p.numel() for p in state.student.parameters()),
-        attention_samples=train_config.attention.samples,
+        attention_samples=0 if aggregator is None else train_config.attention.samples,
         teacher_traffic=[
             {
                 "address": t.config.address,
@@ -386,8 +410,9 @@ def _distill(
             for t in teachers
             if isinstance(t, RemoteTeacher)
         ],
+        data=None if real is None else real.source,
     )
-    _write_outputs(out, state, normalization, result, train_config.generator.latent_dim)
+    _write_outputs(out, state, space, result, train_config.generator.latent_dim)
     return result
 
 
@@ -403,7 +428,7 @@ def _teacher_parameters(config: RunConfig, index: int) -> int | None:
 
 def _fit_attention(
     state: TrainState,
-    train_set: ImageDataset,
+    real: _RealData,
     space: RunImageSpace,
     config: RunConfig,
     device: torch.device,
@@ -412,8 +437,9 @@ def _fit_attention(
     attention = config.train.attention
     if getattr(state.student, "num_headers", 1) < 2:
         return None
+    train_set = real.train
     chosen = stratified_sample(train_set.labels, attention.samples, seed=config.train.seed)
-    images: Tensor = student_images(train_set.images[chosen], space).to(device)
+    images: Tensor = space.prepare(train_set.images[chosen], real.source).to(device)
     labels = train_set.labels[chosen].to(device)
     aggregator = AttentionAggregator(train_set.num_classes).to(device)
     with torch.random.fork_rng(devices=[]):
@@ -433,13 +459,16 @@ def _fit_attention(
 
 
 def _write_outputs(
-    out: Path, state: TrainState, normalization: Normalization, result: RunResult, latent_dim: int
+    out: Path, state: TrainState, space: RunImageSpace, result: RunResult, latent_dim: int
 ) -> None:
     records = read_metrics(out / "metrics.jsonl")
-    plot_accuracy(records, out / "accuracy.png")
+    plots = ["losses.png", "samples.png"]
+    if result.student is not None:  # a data-free run measures no accuracy to plot
+        plot_accuracy(records, out / "accuracy.png")
+        plots.insert(0, "accuracy.png")
     plot_losses(records, out / "losses.png")
     samples = generator_samples(state.generator, latent_dim, 32)
-    save_image_grid(normalization.invert(samples.cpu()), out / "samples.png")
+    save_image_grid(space.normalization.invert(samples.cpu()), out / "samples.png")
     summary = result.summary()
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(out / "report.md", summary, ["accuracy.png", "losses.png", "samples.png"])
+    write_report(out / "report.md", summary, plots)

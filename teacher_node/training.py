@@ -12,14 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from cdfkd.teacher_node.data_sources import DataSource, load_train_and_test
 from cdfkd.teacher_node.datasets import (
     DatasetName,
     ImageDataset,
     Normalization,
-    Split,
     dirichlet_shards,
     iid_shards,
-    load_dataset,
 )
 from cdfkd.teacher_node.metrics import accuracy, batched
 from cdfkd.teacher_node.package import TeacherMetadata, save_package
@@ -100,13 +99,19 @@ class Partition(enum.StrEnum):
 
 
 class TeacherJob(BaseModel):
-    """One owner's teacher: data shard, architecture and training (``cdfkd teacher train``)."""
+    """One owner's teacher: data shard, architecture and training (``cdfkd teacher train``).
+
+    The data are a named ``dataset`` (``data_path``: the Fashion-MNIST folder) or the owner's
+    own files, ``data``: an image folder or ``.npz`` pair with ``train`` and ``test`` splits
+    (:mod:`cdfkd.teacher_node.data_sources`). Without either, Fashion-MNIST.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    dataset: DatasetName = DatasetName.FASHION_MNIST
+    dataset: DatasetName | None = None
     data_path: Path | None = None
+    data: Path | None = None
     architecture: Architecture = Architecture.LENET5_BN
     depth: int = Field(default=1, ge=1, le=18)
     width: int = Field(default=16, ge=4, le=512)
@@ -124,7 +129,19 @@ class TeacherJob(BaseModel):
     def _check(self) -> TeacherJob:
         if self.shard >= self.num_shards:
             raise ValueError(f"shard {self.shard} is out of range for {self.num_shards} shards")
+        if self.data is not None and (self.dataset is not None or self.data_path is not None):
+            raise ValueError(
+                "give the owner's files (data, --data) or a named dataset (dataset, --dataset; "
+                "data_path, --data-path), not both"
+            )
         return self
+
+    @property
+    def source(self) -> DataSource:
+        """Where the job's images come from."""
+        if self.data is not None:
+            return self.data
+        return self.dataset or DatasetName.FASHION_MNIST
 
 
 def owner_shard(job: TeacherJob, train: ImageDataset) -> ImageDataset:
@@ -144,8 +161,7 @@ def train_teacher_package(job: TeacherJob, out: Path) -> TeacherMetadata:
     The normalization is computed on the full training split of the dataset, so that all
     owners of a federation share it (the run checks that they do).
     """
-    train_full = load_dataset(job.dataset, Split.TRAIN, job.data_path)
-    test = load_dataset(job.dataset, Split.TEST, job.data_path)
+    train_full, test = load_train_and_test(job.source, root=job.data_path)
     normalization = Normalization.of(train_full)
     shard = owner_shard(job, train_full)
     spec = ArchitectureSpec(

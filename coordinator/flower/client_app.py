@@ -18,19 +18,32 @@ from cdfkd.coordinator.flower.owner import evaluate_locally, train_locally
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings, merge_node_config
 
 
-def _settings(defaults: dict[str, Any], context: Context) -> tuple[FederatedAttentionSettings, int]:
-    flat = merge_node_config({**defaults, **context.run_config}, dict(context.node_config))
-    return FederatedAttentionSettings.from_flat(flat), int(context.node_config["partition-id"])
+def _settings(
+    defaults: dict[str, Any], node_configs: dict[int, dict[str, Any]], context: Context
+) -> tuple[FederatedAttentionSettings, int]:
+    owner = int(context.node_config["partition-id"])
+    node = {**dict(context.node_config), **node_configs.get(owner, {})}
+    flat = merge_node_config({**defaults, **context.run_config}, node)
+    return FederatedAttentionSettings.from_flat(flat), owner
 
 
-def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose settings default to ``defaults`` (the flat form; simulation passes it)."""
+def make_client_app(
+    defaults: dict[str, Any] | None = None,
+    node_configs: dict[int, dict[str, Any]] | None = None,
+) -> ClientApp:
+    """A ClientApp whose settings default to ``defaults`` (the flat form; simulation passes it).
+
+    ``node_configs`` maps an owner index to its own keys (``data-path``, ``student-dir``): what
+    each SuperNode's ``--node-config`` says in the deployment runtime, for the simulation's
+    virtual SuperNodes.
+    """
     app = ClientApp()
     base = dict(defaults or {})
+    nodes = dict(node_configs or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        settings, owner = _settings(base, context)
+        settings, owner = _settings(base, nodes, context)
         config = msg.content.config_records.get("config")
         server_round = int(str(config.get("server-round", 0))) if config is not None else 0
         state, count, loss = train_locally(
@@ -46,7 +59,7 @@ def make_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        settings, owner = _settings(base, context)
+        settings, owner = _settings(base, nodes, context)
         metrics = evaluate_locally(
             settings, owner, msg.content.array_records["arrays"].to_torch_state_dict()
         )

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import tomli_w
 
 from cdfkd.coordinator.errors import ConfigError, FlowerRunFailed
 from cdfkd.coordinator.flower.server_app import SUMMARY_FILE
-from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
+from cdfkd.coordinator.flower.settings import FederatedAttentionSettings, owner_node_configs
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +95,18 @@ class _Process:
                 self.process.wait()
 
 
-def node_config(owner: int, settings: FederatedAttentionSettings) -> str:
-    """A SuperNode's ``--node-config``: its owner index and its own paths."""
-    entries = {
+def node_config(
+    owner: int, settings: FederatedAttentionSettings, own: dict[str, Any] | None = None
+) -> str:
+    """A SuperNode's ``--node-config``: its owner index and its own paths (``own`` on top)."""
+    entries: dict[str, Any] = {
         "partition-id": owner,
         "num-partitions": settings.num_owners,
         "student-dir": str(settings.student_dir),
     }
     if settings.data_path is not None:
         entries["data-path"] = str(settings.data_path)
+    entries.update(own or {})
     return " ".join(f"{k}={json.dumps(v)}" for k, v in entries.items())
 
 
@@ -112,8 +116,12 @@ def run_local_deployment(
     work_dir: Path,
     timeout_s: float = 900.0,
     app_dir: Path = APP_DIR,
+    owner_data: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Start a SuperLink and ``num_owners`` SuperNodes, ``flwr run`` the app, stop them all.
+
+    With ``settings.owner_files``, ``owner_data`` gives each organization's own ``data-path``
+    (its SuperNode's ``--node-config``), in owner order.
 
     Returns:
         The ServerApp's summary (``flower.json``).
@@ -122,6 +130,7 @@ def run_local_deployment(
         ConfigError: the Flower App folder or Flower's executables are missing.
         FlowerRunFailed: a process failed or the run did not finish in ``timeout_s``.
     """
+    own = owner_node_configs(settings, owner_data)
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"no Flower App at {app_dir} (expected deploy/flower/app of cdfkd)")
     work_dir = Path(work_dir).resolve()
@@ -159,7 +168,7 @@ def run_local_deployment(
                         "--superlink", f"127.0.0.1:{port}",
                         "--host", "127.0.0.1",
                         "--port", str(_free_port()),
-                        "--node-config", node_config(owner, settings),
+                        "--node-config", node_config(owner, settings, own.get(owner)),
                     ],
                     work_dir / f"supernode-{owner}.log",
                     env,

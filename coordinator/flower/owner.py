@@ -21,7 +21,6 @@ from cdfkd.student_node.models.aggregator import (
     AttentionConfig,
     train_attention,
 )
-from cdfkd.teacher_node.image_space import resize
 from cdfkd.teacher_node.metrics import accuracy
 
 
@@ -41,13 +40,11 @@ def owner_logits(settings: FederatedAttentionSettings, owner: int) -> OwnerLogit
     """Run the frozen student once over the owner's data (cached across rounds)."""
     student, _, _, infos = load_student(settings.student_dir)
     space = student_image_space(settings.student_dir)
-    data = owner_data(settings, owner, space.normalization)
-    # Resizing commutes with the per-channel normalization (bilinear weights sum to 1).
-    size = space.image_shape[1:]
+    data = owner_data(settings, owner, space, infos[0].num_classes)
     return OwnerLogits(
-        sample_logits=header_logits(student, resize(data.sample_images, size)),
+        sample_logits=header_logits(student, data.sample_images),
         sample_labels=data.sample_labels,
-        test_logits=header_logits(student, resize(data.test_images, size)),
+        test_logits=header_logits(student, data.test_images),
         test_labels=data.test_labels,
         num_classes=infos[0].num_classes,
     )

@@ -7,6 +7,7 @@ validated once at either end from that flat form; keys are the field names with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ NODE_LOCAL_KEYS = ("student-dir", "data-path")
 
 
 class FederatedAttentionSettings(BaseModel):
-    """One federated attention training and evaluation of a distilled student."""
+    """One federated attention training and evaluation of a distilled student.
+
+    With ``owner_files`` every organization reads its own ``data_path`` (an image folder or
+    ``.npz`` pair with train and test splits), set per organization; otherwise the owners'
+    data are shards of the named ``dataset`` (``data_path``: the Fashion-MNIST folder), cut by
+    ``partition``, ``alpha`` and ``shard_seed`` as their teachers' were.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +37,7 @@ class FederatedAttentionSettings(BaseModel):
     out_dir: Path
     dataset: DatasetName = DatasetName.FASHION_MNIST
     data_path: Path | None = None
+    owner_files: bool = False
     num_owners: int = Field(default=3, ge=1, le=1000)
     partition: Partition = Partition.IID
     alpha: float = Field(default=0.5, gt=0.0)
@@ -76,3 +84,23 @@ def merge_node_config(run_config: dict[str, Any], node_config: dict[str, Any]) -
     merged = dict(run_config)
     merged.update({k: v for k, v in node_config.items() if k in NODE_LOCAL_KEYS})
     return merged
+
+
+def owner_node_configs(
+    settings: FederatedAttentionSettings, owner_data: Sequence[Path]
+) -> dict[int, dict[str, Any]]:
+    """Each organization's own ``data-path`` as node-config entries, by owner index.
+
+    Raises:
+        ConfigError: paths given without ``owner_files``, or not one per organization.
+    """
+    if not settings.owner_files:
+        if owner_data:
+            raise ConfigError("per-organization data paths need owner-files = true")
+        return {}
+    if len(owner_data) != settings.num_owners:
+        raise ConfigError(
+            f"owner-files: {len(owner_data)} data paths for {settings.num_owners} organizations "
+            "(num-owners): give one per organization"
+        )
+    return {owner: {"data-path": str(path)} for owner, path in enumerate(owner_data)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,21 @@ from flwr.simulation import run_simulation
 from cdfkd.coordinator.errors import FlowerRunFailed
 from cdfkd.coordinator.flower.client_app import make_client_app
 from cdfkd.coordinator.flower.server_app import SUMMARY_FILE, make_server_app
-from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
+from cdfkd.coordinator.flower.settings import FederatedAttentionSettings, owner_node_configs
 
 
-def simulate(settings: FederatedAttentionSettings, num_cpus: int = 2) -> dict[str, Any]:
-    """Run the rounds in a Flower simulation on a local Ray bound to 127.0.0.1."""
+def simulate(
+    settings: FederatedAttentionSettings, num_cpus: int = 2, owner_data: Sequence[Path] = ()
+) -> dict[str, Any]:
+    """Run the rounds in a Flower simulation on a local Ray bound to 127.0.0.1.
+
+    Args:
+        settings: The run's settings.
+        num_cpus: CPUs of the simulation's Ray.
+        owner_data: With ``settings.owner_files``, each organization's own ``data-path`` in
+            owner order (what each SuperNode's ``--node-config`` says in a deployment).
+    """
+    node_configs = owner_node_configs(settings, owner_data)
     # Ray starts its workers at niceness 15; on a busy machine the owners' ClientApps would
     # then wait behind every other process. They are the job in the foreground here.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -29,7 +40,7 @@ def simulate(settings: FederatedAttentionSettings, num_cpus: int = 2) -> dict[st
     summary_path.unlink(missing_ok=True)
     run_simulation(
         server_app=make_server_app(flat),
-        client_app=make_client_app(flat),
+        client_app=make_client_app(flat, node_configs),
         num_supernodes=settings.num_owners,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

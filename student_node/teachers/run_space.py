@@ -26,6 +26,8 @@ from torch import Tensor
 from cdfkd.student_node.errors import IncompatibleTeachers
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
 from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.errors import DatasetError
+from cdfkd.teacher_node.image_space import to_model_input
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,24 @@ class RunImageSpace:
 
     image_shape: tuple[int, int, int]
     normalization: Normalization
+
+    def prepare(self, pixels: Tensor, source: str) -> Tensor:
+        """Real images of any size as the student reads them (resized, then normalized).
+
+        Args:
+            pixels: float32 ``(N, C, H, W)`` in [0, 1], e.g. ``ImageDataset.images``.
+            source: Where they come from, for the error message.
+
+        Raises:
+            DatasetError: their channel count is not the student's.
+        """
+        channels = int(pixels.shape[1])
+        if channels != self.image_shape[0]:
+            raise DatasetError(
+                f"{source}: {channels}-channel images, but the student takes "
+                f"{self.image_shape[0]} channels (grayscale and colour data cannot be mixed)"
+            )
+        return to_model_input(pixels, self.image_shape, self.normalization)
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready description (``student.json``)."""
