@@ -36,6 +36,10 @@ def test_records_rotate_and_summarize(tmp_path: Path, capsys) -> None:
         "decision",
         "reason",
         "bytes_returned",
+        "request_id",
+        "peer",
+        "latency_ms",
+        "suppressed",
     }
     assert first["time"].startswith("2023-11-14T22:13:20")
     totals = summarize(tmp_path / "audit.jsonl")
