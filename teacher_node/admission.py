@@ -9,9 +9,12 @@ Two parts, both without grpc imports:
   (or is refused with a retry hint), waits for its turn (woken early if its call is
   cancelled), runs, and finishes.
 
-Why round-robin by call rather than by images: one flooding caller then gets at most one
-engine turn in every ``n`` (``n`` callers waiting), whatever its batch size, and its excess
-calls are refused at the door before they cost the node a decode.
+The next engine turn goes to the waiting caller served least recently (a caller with nothing
+in flight counts as never served): round-robin among callers that keep calls queued, and a
+caller that arrives while another floods is next, not behind the flood's queued calls. Turns
+are per call rather than per image: a flooding caller gets at most one turn in every ``n``
+(``n`` callers waiting), whatever its batch size, and its excess calls are refused at the door
+before they cost the node a decode.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ Clock = Callable[[], float]
 #: Bounds of the retry hint sent with an overload refusal, in seconds.
 MIN_RETRY_AFTER_S = 0.01
 MAX_RETRY_AFTER_S = 5.0
+#: A caller refused again and again gets a hint doubled each time (up to the maximum), so a
+#: flood of retries thins out instead of costing the node a received message per refusal.
+MAX_HINT_DOUBLINGS = 8
 #: Weight of the newest service time in the running estimate (exponential moving average).
 SERVICE_TIME_SMOOTHING = 0.2
 
@@ -82,11 +88,12 @@ class Ticket:
     state: TicketState = TicketState.QUEUED
     reason: str = ""
     started: float = 0.0
+    sequence: int = 0
     granted: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 class FairQueue:
-    """Round-robin across callers into ``slots`` engine slots; pure apart from the clock.
+    """Fair turns across callers into ``slots`` engine slots; pure apart from the clock.
 
     Args:
         max_in_flight: Calls queued or running, all callers together; beyond it, refused.
@@ -105,9 +112,12 @@ class FairQueue:
         self.slots = slots
         self.clock = clock
         self.service_time_s = 0.0
-        self._queues: dict[str, deque[Ticket]] = {}
-        self._order: deque[str] = deque()  # callers with waiting calls, next to serve first
+        self._queues: dict[str, deque[Ticket]] = {}  # callers with waiting calls
+        self._served: dict[str, int] = {}  # the turn each caller with calls in flight last got
+        self._turns = 0
+        self._sequence = 0
         self._in_flight: dict[str, int] = {}
+        self._refusals: dict[str, int] = {}  # consecutive refusals of each caller
         self._running = 0
 
     @property
@@ -124,32 +134,41 @@ class FairQueue:
         """Calls of ``caller`` queued or running."""
         return self._in_flight.get(caller, 0)
 
-    def retry_after_s(self) -> float:
-        """A hint for a refused caller: the time to serve what is in flight, one slot each."""
+    def retry_after_s(self, caller: str = "") -> float:
+        """A hint for a refused caller.
+
+        The time to serve what is in flight, one slot each, doubled for every refusal of
+        ``caller`` since it was last admitted; within [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S].
+        """
         estimate = self.service_time_s * max(1, self.in_flight) / self.slots
+        estimate *= 2 ** min(self._refusals.get(caller, 0), MAX_HINT_DOUBLINGS)
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
     def enter(self, caller: str, deadline: float = math.inf) -> Ticket:
         """Queue a call of ``caller``, or raise :class:`Overloaded` (nothing queued then)."""
         mine = self.in_flight_of(caller)
         if mine >= self.max_in_flight_per_caller:
-            raise Overloaded(
+            raise self._refuse(
+                caller,
                 f"caller {caller!r} already has {mine} calls in flight (the node allows "
                 f"{self.max_in_flight_per_caller}): retry after the hint",
-                self.retry_after_s(),
             )
         if self.in_flight >= self.max_in_flight:
-            raise Overloaded(
+            raise self._refuse(
+                caller,
                 f"the node is busy ({self.in_flight} calls in flight): retry after the hint",
-                self.retry_after_s(),
             )
-        ticket = Ticket(caller, deadline)
+        self._refusals.pop(caller, None)
+        self._sequence += 1
+        ticket = Ticket(caller, deadline, sequence=self._sequence)
         self._in_flight[caller] = mine + 1
-        queue = self._queues.setdefault(caller, deque())
-        if not queue:
-            self._order.append(caller)
-        queue.append(ticket)
+        self._queues.setdefault(caller, deque()).append(ticket)
         return ticket
+
+    def _refuse(self, caller: str, message: str) -> Overloaded:
+        error = Overloaded(message, self.retry_after_s(caller))
+        self._refusals[caller] = min(self._refusals.get(caller, 0) + 1, MAX_HINT_DOUBLINGS)
+        return error
 
     def grant(self) -> list[Ticket]:
         """Give free slots to the next calls, round-robin; drops calls past their deadline.
@@ -160,14 +179,17 @@ class FairQueue:
         """
         changed = []
         now = self.clock()
-        while self._running < self.slots and self._order:
-            caller = self._order.popleft()
+        while self._running < self.slots and self._queues:
+            caller = min(
+                self._queues,
+                key=lambda c: (self._served.get(c, -1), self._queues[c][0].sequence),
+            )
             queue = self._queues[caller]
             ticket = queue.popleft()
-            if queue:
-                self._order.append(caller)  # back of the rotation
-            else:
+            if not queue:
                 del self._queues[caller]
+            self._turns += 1
+            self._served[caller] = self._turns
             if ticket.deadline <= now:
                 self._drop(ticket, "the deadline passed while queued")
             else:
@@ -185,7 +207,6 @@ class FairQueue:
         queue.remove(ticket)
         if not queue:
             del self._queues[ticket.caller]
-            self._order.remove(ticket.caller)
         self._drop(ticket, reason)
         return True
 
@@ -211,6 +232,7 @@ class FairQueue:
         self._in_flight[caller] -= 1
         if not self._in_flight[caller]:
             del self._in_flight[caller]
+            self._served.pop(caller, None)  # nothing in flight: first in line next time
 
 
 class Admission:

@@ -236,6 +236,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         if call.rpc not in ENGINE_RPCS:
             return method(self, request, call.context, call.caller)
         call.request_id = _request_id(call.context)
+        self._policy.rule(call.caller)  # an unknown caller takes no place in the queue
         call.ticket = self._admission.enter(call.caller, call.context.time_remaining())
         ticket = call.ticket
         if not call.context.add_callback(

@@ -69,9 +69,14 @@ def test_a_caller_arriving_later_is_served_before_the_flood_finishes() -> None:
     assert tickets[0].state is TicketState.RUNNING
     late = queue.enter("student")
     queue.finish(tickets[0])
-    assert queue.grant() == [tickets[1]]  # flood was next in the rotation
+    assert queue.grant() == [late]  # next, not behind the four queued flood calls
+    queue.finish(late)
+    assert queue.grant() == [tickets[1]]
     queue.finish(tickets[1])
-    assert queue.grant() == [late]  # then the late caller, not the three other flood calls
+    again = queue.enter("student")  # a student calling one at a time is always next
+    assert queue.grant() == [again]
+    queue.finish(again)
+    assert queue.grant() == [tickets[2]]
 
 
 def test_calls_in_flight_are_bounded_in_total_and_per_caller() -> None:
@@ -110,10 +115,27 @@ def test_the_retry_hint_follows_the_measured_service_time() -> None:
     with pytest.raises(Overloaded) as refusal:
         queue.enter("a")
     assert refusal.value.retry_after_s == pytest.approx(2.0)  # 4 calls ahead x 0.5 s
+    # A caller that keeps retrying into a full node is told to wait longer each time...
+    with pytest.raises(Overloaded) as again:
+        queue.enter("a")
+    assert again.value.retry_after_s == pytest.approx(4.0)
+    with pytest.raises(Overloaded) as capped:
+        queue.enter("a")
+    assert capped.value.retry_after_s == MAX_RETRY_AFTER_S
+    # ...while another caller refused for the first time gets the plain estimate.
+    queue.max_in_flight = 4
+    with pytest.raises(Overloaded) as other:
+        queue.enter("b")
+    assert other.value.retry_after_s == pytest.approx(2.0)
     (slow,) = queue.grant()
     clock.now += 1000.0
     queue.finish(slow)
-    assert queue.retry_after_s() == MAX_RETRY_AFTER_S  # a hint is never longer than this
+    queue.enter("a")
+    assert queue.retry_after_s("a") == MAX_RETRY_AFTER_S  # a hint is never longer than this
+    clock.now += 1.0
+    for ticket in queue.grant():
+        queue.finish(ticket)
+    assert queue.service_time_s < 1000.0
 
 
 def test_a_call_past_its_deadline_is_dropped_when_its_turn_comes() -> None:

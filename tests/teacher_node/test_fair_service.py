@@ -163,10 +163,12 @@ def test_excess_calls_are_refused_with_a_retry_hint_and_callers_take_turns(
     for future in [first, *queued, late]:
         assert future.result().logits.shape[0] > 0
     assert results == [8]
-    # Round-robin: the late caller's batch of 6 ran before the flood's third call (4), where
-    # first-come-first-served would have run it last.
-    assert engine.batches[:4] == [2, 3, 6, 4]
-    assert sorted(engine.batches[4:]) == [8]
+    # Fair turns: the late caller's batch of 6 ran right after the flood's running call,
+    # before the flood's two queued ones, where first-come-first-served would have run it last.
+    # (The patient student's 8, retried at its hint, may come anywhere after.)
+    assert engine.batches[:2] == [2, 6]
+    assert sorted(engine.batches[2:]) == [3, 4, 8]
+    assert engine.batches.index(3) < engine.batches.index(4)  # one caller's calls stay in order
     records = _records(node.audit.path.parent)  # type: ignore[union-attr]
     refused = [r for r in records if r["decision"] == "denied"]
     assert {r["caller"] for r in refused} >= {"caller-0", "student"}
