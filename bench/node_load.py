@@ -194,6 +194,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     cycles = 6 if args.quick else args.cycles
+    args.out = args.out.resolve()  # the node reads its config from another directory
     args.out.mkdir(parents=True, exist_ok=True)
     pki = create_dev_pki(args.out / "pki", client_names=(STUDENT_NAME, FLOOD_NAME))
     (package,) = make_packages(args.out / "teachers", 1)
