@@ -69,6 +69,7 @@ def _stop_processes_under(temp: Path, grace_s: float = 30.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(900)  # the session's teacher fixtures and a Ray cluster on 2 shared cores
 def test_ray_job_submit_runs_the_distillation(digits_teachers, dev_pki, tmp_path: Path) -> None:
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI comes with ray[default] (installed by install.sh)")
