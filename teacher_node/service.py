@@ -2,7 +2,15 @@
 
 All exception -> status code mapping lives in :func:`status_for` (STYLE.md 4). Unexpected
 errors become INTERNAL with a generic message and a logged traceback; the server keeps serving.
-Every request, answered or refused, leaves one line in the audit log (when one is configured).
+Every request, answered or refused, leaves one line in the audit log (when one is configured);
+a record that cannot be written refuses the request with UNAVAILABLE.
+
+Calls that run the engine (:data:`ENGINE_RPCS`) pass through :class:`Admission` first (bounded
+in flight, refused with a retry hint beyond), carry an optional request id (a retry with the
+same id and bytes gets the stored reply, see :mod:`request_ids`), and wait for their fair turn
+in :meth:`TeacherServicer._charge`, the one place an answer is charged: a call whose client has
+gone by then is dropped, neither computed nor charged. Answer paths call ``self._charge``
+where they used to call ``policy.admit``.
 """
 
 from __future__ import annotations
