@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cdfkd.coordinator.errors import ConfigError, ExitCode, FederationCheckFailed
+from cdfkd.coordinator.log_format import LOG_FORMATS, formatter_for
 
 logger = logging.getLogger("cdfkd")
 
@@ -21,7 +22,7 @@ logger = logging.getLogger("cdfkd")
 _HANDLER_NAME = "cdfkd-cli"
 
 
-def _configure_logging(verbosity: int) -> None:
+def _configure_logging(verbosity: int, log_format: str = "text") -> None:
     """Log cdfkd's records to stderr; the only place logging is configured."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     package_logger = logging.getLogger("cdfkd")
@@ -29,9 +30,7 @@ def _configure_logging(verbosity: int) -> None:
         package_logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    )
+    handler.setFormatter(formatter_for(log_format))
     package_logger.addHandler(handler)
     package_logger.setLevel(level)
     os.environ.setdefault("GRPC_VERBOSITY", "error")
@@ -467,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a teacher package over gRPC with mutual TLS (one per organization)"
     )
     serve_teacher.add_argument("--config", required=True, help="teacher TOML file")
+    serve_teacher.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines on stderr: text, or one JSON object per line (for log collectors)",
+    )
     serve_teacher.set_defaults(handler=_cmd_teacher_serve)
     audit = teacher_commands.add_parser("audit", help="read a teacher node's audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -678,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    _configure_logging(-1 if args.quiet else args.verbose)
+    _configure_logging(-1 if args.quiet else args.verbose, getattr(args, "log_format", "text"))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return int(handler(args))

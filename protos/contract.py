@@ -5,3 +5,7 @@ from __future__ import annotations
 #: Trailing metadata key of a RESOURCE_EXHAUSTED refusal for rate: milliseconds after which the
 #: same request fits the caller's rate. Budget refusals carry no such key (do not retry them).
 RETRY_AFTER_KEY = "cdfkd-retry-after-ms"
+
+#: Invocation metadata key of a request id: the client sends a fresh one per request and the same
+#: one on every retry of it, so the node answers a retry from its stored reply and charges once.
+REQUEST_ID_KEY = "cdfkd-request-id"

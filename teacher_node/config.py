@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdfkd.protos.codec import WIRE_DTYPES
 from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
-from cdfkd.teacher_node.engine import MAX_IMAGE_SIDE
 from cdfkd.teacher_node.errors import TeacherConfigError
 from cdfkd.teacher_node.policy import PolicyConfig
 
@@ -34,7 +33,13 @@ class NodeSettings(BaseModel):
     package: Path
     address: str = Field(default="127.0.0.1:0", description="host:port; port 0 picks one")
     address_file: Path | None = None
-    workers: int = Field(default=8, ge=1, le=256)
+    workers: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="calls in flight at most (queued for the engine or running); beyond, "
+        "RESOURCE_EXHAUSTED with a retry hint",
+    )
     threads: int | None = Field(default=None, ge=1, le=256)
     drain_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
 
@@ -73,10 +78,21 @@ class Limits(BaseModel):
     model_config = _FROZEN
 
     max_batch: int = Field(default=512, ge=2, le=65536)
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
-    max_image_side: int = Field(
-        default=MAX_IMAGE_SIDE, ge=8, le=4096, description="largest query height or width"
+    max_image_side: int | None = Field(
+        default=None,
+        ge=8,
+        le=4096,
+        description="largest query height or width; default: twice the teacher's larger side",
     )
+    max_message_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        le=2**31 - 1,
+        description="default: what a batch of max_batch of the largest accepted images needs",
+    )
+    max_in_flight_per_caller: int = Field(default=4, ge=1, le=256)
+    request_id_ttl_s: float = Field(default=600.0, ge=0.0, le=86_400.0)
+    request_id_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=2**34)
 
 
 class Choices(BaseModel):
@@ -108,6 +124,40 @@ class AuditSettings(BaseModel):
     path: Path | None = None
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     backups: int = Field(default=5, ge=0, le=1000)
+    refusals_per_minute: float = Field(
+        default=60.0, gt=0.0, le=1e6, description="refusal lines per peer host; more are counted"
+    )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics and a plaintext health endpoint (both off unless set)."""
+
+    model_config = _FROZEN
+
+    address: str | None = Field(default=None, description="HOST:PORT of /metrics")
+    health_address: str | None = Field(
+        default=None, description="loopback HOST:PORT of the plaintext /healthz probe"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsSettings:
+        if self.address is not None:
+            _host_port(self.address)
+        if self.health_address is not None:
+            host, _ = _host_port(self.health_address)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(
+                    f"health_address {self.health_address!r} must be on loopback (127.0.0.1, "
+                    "::1 or localhost): the probe is plaintext and unauthenticated"
+                )
+        return self
 
 
 class TeacherNodeConfig(BaseModel):
@@ -121,6 +171,16 @@ class TeacherNodeConfig(BaseModel):
     choices: Choices = Choices()
     policy: PolicyConfig = PolicyConfig()
     audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherNodeConfig:
+        if self.limits.max_in_flight_per_caller > self.node.workers:
+            raise ValueError(
+                f"limits.max_in_flight_per_caller ({self.limits.max_in_flight_per_caller}) "
+                f"cannot exceed node.workers ({self.node.workers}), the calls in flight in total"
+            )
+        return self
 
 
 def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> TeacherNodeConfig:

@@ -2,16 +2,28 @@
 
 All exception -> status code mapping lives in :func:`status_for` (STYLE.md 4). Unexpected
 errors become INTERNAL with a generic message and a logged traceback; the server keeps serving.
-Every request, answered or refused, leaves one line in the audit log (when one is configured).
+Every request, answered or refused, leaves one line in the audit log (when one is configured);
+a record that cannot be written refuses the request with UNAVAILABLE.
+
+Calls that run the engine (:data:`ENGINE_RPCS`) pass through :class:`Admission` first (bounded
+in flight, refused with a retry hint beyond), carry an optional request id (a retry with the
+same id and bytes gets the stored reply, see :mod:`request_ids`), and wait for their fair turn
+in :meth:`TeacherServicer._charge`, the one place an answer is charged: a call whose client has
+gone by then is dropped, neither computed nor charged. Answer paths call ``self._charge``
+where they used to call ``policy.admit``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+import threading
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -19,8 +31,9 @@ import torch
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
-from cdfkd.protos.contract import RETRY_AFTER_KEY
-from cdfkd.teacher_node.audit import AuditLog
+from cdfkd.protos.contract import REQUEST_ID_KEY, RETRY_AFTER_KEY
+from cdfkd.teacher_node.admission import Admission, CallDropped, Clock, FairQueue, Ticket
+from cdfkd.teacher_node.audit import AuditLog, AuditUnavailable
 from cdfkd.teacher_node.config import TeacherNodeConfig
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.errors import InvalidInput, LimitExceeded, PermissionDenied
@@ -29,15 +42,24 @@ from cdfkd.teacher_node.policy import (
     MODE_OUTPUTS,
     CallerRule,
     Policy,
-    RateLimited,
     perturb_gradient,
     perturb_logits,
 )
+from cdfkd.teacher_node.request_ids import (
+    MAX_REQUEST_ID_LENGTH,
+    Claim,
+    RecentRequests,
+    valid_request_id,
+)
 from cdfkd.teacher_node.security import caller_identity
+from cdfkd.teacher_node.telemetry import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
 Response = TypeVar("Response")
+
+#: Request ids remembered per caller (the oldest forgotten first).
+MAX_REQUEST_IDS_PER_CALLER = 4096
 
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -45,7 +67,12 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
+#: RPCs that run the engine: admitted, queued fairly, charged once per request id.
+ENGINE_RPCS = frozenset({"Query", "InputGrad"})
+#: What a caller is told when the audit log cannot be written (the path stays in the node's log).
+AUDIT_UNAVAILABLE = "the node cannot write its audit log and refuses to answer: retry later"
 
 
 def status_for(error: Exception) -> grpc.StatusCode | None:
@@ -63,33 +90,58 @@ def _claimed_images(request: Any) -> int:
     return int(shape[0]) if shape and 0 <= shape[0] < 2**62 else 0
 
 
+def _request_id(context: grpc.ServicerContext) -> str | None:
+    """The client's request id (reused across its retries), None if it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            text = value if isinstance(value, str) else value.decode(errors="replace")
+            if not valid_request_id(text):
+                raise InvalidInput(
+                    f"metadata {REQUEST_ID_KEY} must be 1-{MAX_REQUEST_ID_LENGTH} printable "
+                    "ASCII characters"
+                )
+            return text
+    return None
+
+
+@dataclass
+class _Call:
+    """What the servicer knows about the call a handler thread is serving."""
+
+    rpc: str
+    caller: str
+    peer: str
+    started: float
+    context: grpc.ServicerContext
+    request_id: str | None = None
+    ticket: Ticket | None = None
+    decision: str = ""
+    images: int = 0
+
+    def still_wanted(self) -> bool:
+        """Whether the client still waits for the answer."""
+        remaining = self.context.time_remaining()
+        return self.context.is_active() and (remaining is None or remaining > 0)
+
+
 def _rpc(method: Callable[..., Response]) -> Callable[..., Response]:
-    """Map exceptions to status codes and audit refusals, in one place."""
+    """Admit, deduplicate, map exceptions to status codes, audit and count, in one place."""
 
     @functools.wraps(method)
     def wrapper(self: TeacherServicer, request: Any, context: grpc.ServicerContext) -> Response:
-        caller = caller_identity(context)
+        call = _Call(
+            method.__name__, caller_identity(context), context.peer(), self._monotonic(), context
+        )
+        self._local.call = call
         try:
-            return method(self, request, context, caller)
+            return self._serve(method, request, call)
         except Exception as error:  # noqa: BLE001 - every error must become a status
-            code = status_for(error)
-            self._audit(
-                caller,
-                method.__name__,
-                _claimed_images(request),
-                "denied",
-                reason=f"{type(error).__name__}: {error}" if code else "internal error",
-            )
-            if code is not None:
-                logger.info("%s from %s refused: %s", method.__name__, caller, error)
-                if isinstance(error, RateLimited) and math.isfinite(error.retry_after_s):
-                    milliseconds = str(max(1, math.ceil(error.retry_after_s * 1000)))
-                    context.set_trailing_metadata(((RETRY_AFTER_KEY, milliseconds),))
-                context.abort(code, str(error))
-            incident = uuid.uuid4().hex[:12]
-            logger.exception("%s failed (incident %s)", method.__name__, incident)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+            self._refuse(call, request, error)
             raise RuntimeError("unreachable: context.abort raises") from error
+        finally:
+            self._local.call = None
+            if call.ticket is not None:
+                self._admission.finish(call.ticket)
 
     return wrapper
 
@@ -104,12 +156,31 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         config: TeacherNodeConfig,
         policy: Policy,
         audit: AuditLog | None = None,
+        *,
+        admission: Admission | None = None,
+        recent: RecentRequests | None = None,
+        metrics: NodeMetrics | None = None,
+        monotonic: Clock = time.monotonic,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._engine = engine
         self._metadata = metadata
         self._config = config
         self._policy = policy
         self._audit_log = audit
+        self._monotonic = monotonic
+        self._admission = admission or Admission(
+            FairQueue(config.node.workers, config.limits.max_in_flight_per_caller, 1, monotonic)
+        )
+        self._recent = recent or RecentRequests(
+            config.limits.request_id_ttl_s,
+            MAX_REQUEST_IDS_PER_CALLER,
+            config.limits.request_id_memory_bytes,
+            monotonic,
+        )
+        self._metrics = metrics
+        self._max_message_bytes = max_message_bytes or config.limits.max_message_bytes or 0
+        self._local = threading.local()
         info = engine.info
         side = info.max_image_side
         self._limits = TensorLimits(
@@ -151,6 +222,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         reason: str = "",
         bytes_returned: int = 0,
     ) -> None:
+        call: _Call | None = getattr(self._local, "call", None)
+        latency_s = self._monotonic() - call.started if call is not None else 0.0
+        if call is not None:
+            call.decision, call.images = decision, images
+        if self._metrics is not None:
+            self._metrics.observe(
+                caller, rpc, decision, latency_s, images if decision == "allowed" else 0
+            )
         if self._audit_log is None:
             return
         try:
@@ -165,7 +244,103 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             decision=decision,
             reason=reason,
             bytes_returned=bytes_returned,
+            request_id=(call.request_id or "") if call is not None else "",
+            peer=call.peer if call is not None else "",
+            latency_ms=latency_s * 1000,
         )
+
+    def _serve(self, method: Callable[..., Response], request: Any, call: _Call) -> Response:
+        """Admission and request-id bookkeeping around one RPC method."""
+        if call.rpc not in ENGINE_RPCS:
+            return method(self, request, call.context, call.caller)
+        call.request_id = _request_id(call.context)
+        self._policy.rule(call.caller)  # an unknown caller takes no place in the queue
+        call.ticket = self._admission.enter(call.caller, call.context.time_remaining())
+        ticket = call.ticket
+        if not call.context.add_callback(
+            lambda: self._admission.cancel(ticket, "cancelled or past its deadline while queued")
+        ):
+            self._admission.cancel(ticket, "cancelled before it was queued")
+        if call.request_id is None:
+            return method(self, request, call.context, call.caller)
+        digest = hashlib.sha256(
+            call.rpc.encode() + b"\0" + request.SerializeToString(deterministic=True)
+        ).digest()
+        while True:
+            claim, entry = self._recent.claim(call.caller, call.request_id, digest)
+            if claim is Claim.NEW:
+                break
+            if claim is Claim.REPLAY:
+                self._audit(
+                    call.caller,
+                    call.rpc,
+                    _claimed_images(request),
+                    "replayed",
+                    reason="a retry of an answered request: stored reply, not charged",
+                    bytes_returned=entry.size,
+                )
+                return entry.reply  # type: ignore[return-value]
+            while not entry.done.wait(1.0):
+                if not call.still_wanted():
+                    raise CallDropped("cancelled while its first attempt was running")
+        try:
+            reply = method(self, request, call.context, call.caller)
+        except BaseException:
+            self._recent.forget(call.caller, call.request_id)
+            raise
+        self._recent.complete(call.caller, call.request_id, reply, reply.ByteSize())  # type: ignore[attr-defined]
+        return reply
+
+    def _charge(self, caller: str, rule: CallerRule, images: int) -> None:
+        """Wait for the call's fair turn at the engine, then charge it (if still wanted).
+
+        Raises:
+            CallDropped: the client went away or the deadline passed first (nothing charged).
+        """
+        call: _Call | None = getattr(self._local, "call", None)
+        if call is not None and call.ticket is not None:
+            self._admission.wait(call.ticket, call.still_wanted)
+        self._policy.admit(caller, rule, images)
+
+    def _refuse(self, call: _Call, request: Any, error: Exception) -> None:
+        """Audit, log and abort a call that ends in ``error`` (always raises)."""
+        context = call.context
+        if isinstance(error, CallDropped):
+            expired = (context.time_remaining() or 1.0) <= 0
+            self._audit_quietly(call, request, "dropped", f"not computed, not charged: {error}")
+            logger.info("%s from %s dropped: %s", call.rpc, call.caller, error)
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            context.abort(code, f"dropped before compute: {error}")
+        code = status_for(error)
+        if isinstance(error, AuditUnavailable):
+            logger.error("%s from %s refused: %s", call.rpc, call.caller, error)
+            if self._metrics is not None:
+                self._metrics.audit_failures.inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, AUDIT_UNAVAILABLE)
+        reason = f"{type(error).__name__}: {error}" if code else "internal error"
+        if not self._audit_quietly(call, request, "denied", reason):
+            context.abort(grpc.StatusCode.UNAVAILABLE, AUDIT_UNAVAILABLE)
+        if code is not None:
+            logger.info("%s from %s refused: %s", call.rpc, call.caller, error)
+            retry_after_s = getattr(error, "retry_after_s", None)
+            if retry_after_s is not None and math.isfinite(retry_after_s):
+                milliseconds = str(max(1, math.ceil(retry_after_s * 1000)))
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, milliseconds),))
+            context.abort(code, str(error))
+        incident = uuid.uuid4().hex[:12]
+        logger.error("%s failed (incident %s)", call.rpc, incident, exc_info=error)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+    def _audit_quietly(self, call: _Call, request: Any, decision: str, reason: str) -> bool:
+        """Audit a refusal; False (logged) if the audit log cannot be written."""
+        try:
+            self._audit(call.caller, call.rpc, _claimed_images(request), decision, reason=reason)
+        except AuditUnavailable as failure:
+            logger.error("%s from %s: %s", call.rpc, call.caller, failure)
+            if self._metrics is not None:
+                self._metrics.audit_failures.inc()
+            return False
+        return True
 
     @_rpc
     def GetMetadata(  # noqa: N802 - gRPC method name
@@ -187,7 +362,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             normalization_std=list(self._metadata.normalization.std),
             allowed_outputs=sorted(self._allowed(rule)),
             max_batch=self._config.limits.max_batch,
-            max_message_bytes=self._config.limits.max_message_bytes,
+            max_message_bytes=self._max_message_bytes,
             wire_dtypes=list(self._dtypes),
             mode=rule.mode.value,
             remaining_budget=-1 if remaining is None else remaining,
@@ -212,7 +387,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._require(caller, rule, wanted)
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
-        self._policy.admit(caller, rule, images.shape[0])
+        self._charge(caller, rule, images.shape[0])
         out = self._engine.query(images, with_bn_loss=request.want_bn_loss)
         logits = out.logits
         if rule.perturbation.active:
@@ -248,7 +423,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             allowed_dtypes=self._dtypes,
         )
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
-        self._policy.admit(caller, rule, images.shape[0])
+        self._charge(caller, rule, images.shape[0])
         gradient = self._engine.input_grad(images, grad_logits, request.bn_weight)
         if rule.perturbation.gradient_sigma:
             gradient = perturb_gradient(gradient, rule.perturbation, self._policy.generator)

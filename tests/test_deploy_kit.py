@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, get_args, get_origin
@@ -392,3 +393,43 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "cdfkd-teacher.service" not in result.stderr, result.stderr
+
+
+def test_the_submitted_working_dir_holds_no_private_key(tmp_path: Path, dev_pki) -> None:
+    """What Ray's own packager would upload for submit.sh's runtime environment."""
+    from ray._private.runtime_env.packaging import create_package
+
+    job_dir = tmp_path / "job"
+    (job_dir / "pki").mkdir(parents=True)
+    (job_dir / "run.toml").write_text("# a run config\n")
+    shutil.copy(dev_pki["trusted"].client.key, job_dir / "pki" / "client.key")
+    shutil.copy(dev_pki["trusted"].client.cert, job_dir / "pki" / "client.pem")
+    # A key under a name that does not say so, and one with characters gitignore treats specially.
+    shutil.copy(dev_pki["trusted"].client.key, job_dir / "pki" / "student identity [1].pem")
+    shutil.copy(dev_pki["trusted"].ca.key, job_dir / "ca-bundle.txt")
+    result = subprocess.run(
+        [
+            "bash",
+            str(DEPLOY / "ray" / "submit.sh"),
+            "http://127.0.0.1:1",
+            str(job_dir / "run.toml"),
+            str(tmp_path / "out"),
+        ],
+        env={**os.environ, "CDFKD_SUBMIT_DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    runtime_env = json.loads(result.stdout)
+    assert runtime_env["working_dir"] == str(job_dir)
+    for name in ("pki/client.key", "pki/student identity [1].pem", "ca-bundle.txt"):
+        assert f"not uploading {name}" in result.stderr
+    package = tmp_path / "package.zip"
+    create_package(runtime_env["working_dir"], package, True, excludes=runtime_env["excludes"])
+    with zipfile.ZipFile(package) as archive:
+        uploaded = {
+            name: archive.read(name) for name in archive.namelist() if not name.endswith("/")
+        }
+    assert set(uploaded) == {"run.toml", "pki/client.pem"}
+    assert not any(b"PRIVATE KEY" in content for content in uploaded.values())

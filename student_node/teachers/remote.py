@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import WIRE_DTYPES, InvalidTensor, TensorLimits, decode, encode
-from cdfkd.protos.contract import RETRY_AFTER_KEY
+from cdfkd.protos.contract import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from cdfkd.student_node.errors import (
     RemoteTeacherError,
     TeacherFailed,
@@ -264,8 +265,11 @@ class RemoteTeacher:
 
         An unavailable node is retried with exponential backoff; a rate-limited request waits
         for the node's retry hint. Retries stop after ``retries`` attempts (if set) or once the
-        node has been failing for ``outage_timeout_s``; then the error names the node.
+        node has been failing for ``outage_timeout_s``; then the error names the node. Every
+        attempt carries the same request id, so the node answers a retry of a request it has
+        already answered from its stored reply and charges the budget once.
         """
+        metadata = ((REQUEST_ID_KEY, uuid.uuid4().hex),)
         delay = self.config.backoff_s
         first_failure: float | None = None
         attempt = 0
@@ -273,7 +277,7 @@ class RemoteTeacher:
             self.calls += 1
             self.bytes_sent += request.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             try:
-                reply = function(request, timeout=self.config.deadline_s)
+                reply = function(request, timeout=self.config.deadline_s, metadata=metadata)
             except grpc.RpcError as error:
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure

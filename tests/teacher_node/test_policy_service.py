@@ -68,7 +68,10 @@ def test_modes_are_stated_up_front_and_enforced(inprocess_node, dev_pki, tmp_pat
     assert any(r["caller"] == "other-student" and "allow-list" in r["reason"] for r in denied)
     assert all(
         set(r)
-        == {"time", "caller", "rpc", "images", "mode", "decision", "reason", "bytes_returned"}
+        == {
+            *("time", "caller", "rpc", "images", "mode", "decision", "reason", "bytes_returned"),
+            *("request_id", "peer", "latency_ms", "suppressed"),
+        }
         for r in records
     )
     allowed_queries = [r for r in records if r["decision"] == "allowed" and r["rpc"] == "Query"]

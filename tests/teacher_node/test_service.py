@@ -70,7 +70,7 @@ def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
             "max_image_side",
         }
         assert remote.metadata.has_bn_prior
-        assert remote.metadata.max_image_side == 512
+        assert remote.metadata.max_image_side == 2 * max(SHAPE[1:])  # the default
         with pytest.raises(TeacherRefused, match=r"does not allow \['bn_loss'\]"):
             remote.query(torch.randn(4, *SHAPE))
         # Without input gradients the student side estimates them from logits instead...
