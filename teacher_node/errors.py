@@ -31,3 +31,7 @@ class LimitExceeded(TeacherError):
 
 class PermissionDenied(TeacherError):
     """The caller asked for something the owner does not allow it (PERMISSION_DENIED)."""
+
+
+class Unauthenticated(TeacherError):
+    """The caller's certificate establishes no single identity (UNAUTHENTICATED)."""

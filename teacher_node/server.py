@@ -40,11 +40,13 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def build_policy(config: TeacherNodeConfig, clock: Clock = time.time) -> Policy:
+def build_policy(
+    config: TeacherNodeConfig, clock: Clock = time.time, monotonic: Clock = time.monotonic
+) -> Policy:
     """The node's policy; output noise is unpredictable unless ``policy.noise_seed`` is set."""
     seed = config.policy.noise_seed
     generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    return Policy(config.policy, clock, generator)
+    return Policy(config.policy, clock, generator, monotonic)
 
 
 def build_server(
@@ -52,8 +54,11 @@ def build_server(
     engine: TeacherEngine | None = None,
     metadata: TeacherMetadata | None = None,
     clock: Clock = time.time,
+    monotonic: Clock = time.monotonic,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A ready (not started) server for ``config``; the package is loaded unless given.
+
+    ``clock`` (wall time) dates the daily budgets and the audit, ``monotonic`` drives the rates.
 
     Returns:
         The server, the bound port (the real one when the config says port 0) and its health
@@ -72,9 +77,9 @@ def build_server(
     audit = None
     if config.audit.path is not None:
         audit = AuditLog(config.audit.path, config.audit.max_bytes, config.audit.backups, clock)
-    teacher_pb2_grpc.add_TeacherServiceServicer_to_server(
-        TeacherServicer(engine, metadata, config, build_policy(config, clock), audit), server
-    )
+    policy = build_policy(config, clock, monotonic)
+    servicer = TeacherServicer(engine, metadata, config, policy, audit)
+    teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config.tls)

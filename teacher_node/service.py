@@ -20,20 +20,26 @@ import torch
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
 from cdfkd.protos.contract import RETRY_AFTER_KEY
+from cdfkd.teacher_node.answers import (
+    KeyedNoise,
+    answer_input_grad,
+    answer_query,
+    check_outputs,
+    refused_outputs,
+)
 from cdfkd.teacher_node.audit import AuditLog
 from cdfkd.teacher_node.config import TeacherNodeConfig
 from cdfkd.teacher_node.engine import TeacherEngine
-from cdfkd.teacher_node.errors import InvalidInput, LimitExceeded, PermissionDenied
-from cdfkd.teacher_node.package import TeacherMetadata
-from cdfkd.teacher_node.policy import (
-    MODE_OUTPUTS,
-    CallerRule,
-    Policy,
-    RateLimited,
-    perturb_gradient,
-    perturb_logits,
+from cdfkd.teacher_node.errors import (
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    Unauthenticated,
 )
-from cdfkd.teacher_node.security import caller_identity
+from cdfkd.teacher_node.identity import CallerIdentities
+from cdfkd.teacher_node.package import TeacherMetadata
+from cdfkd.teacher_node.policy import MODE_OUTPUTS, CallerRule, Policy, RateLimited
+from cdfkd.teacher_node.security import caller_identity, client_ca_bundle, peer_description
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 
@@ -68,8 +75,9 @@ def _rpc(method: Callable[..., Response]) -> Callable[..., Response]:
 
     @functools.wraps(method)
     def wrapper(self: TeacherServicer, request: Any, context: grpc.ServicerContext) -> Response:
-        caller = caller_identity(context)
+        caller = peer_description(context)  # what the certificate claims, for refusals
         try:
+            caller = caller_identity(context, self._identities)
             return method(self, request, context, caller)
         except Exception as error:  # noqa: BLE001 - every error must become a status
             code = status_for(error)
@@ -110,6 +118,12 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._config = config
         self._policy = policy
         self._audit_log = audit
+        self._identities = CallerIdentities(
+            config.policy.callers,
+            client_ca_bundle(config.tls),
+            config.policy.allow_any_trusted_caller,
+        )
+        self._noise = KeyedNoise.from_generator(policy.generator)
         info = engine.info
         self._limits = TensorLimits(
             max_rank=4,
@@ -120,7 +134,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._dtypes = config.choices.wire_dtypes
 
     def _allowed(self, rule: CallerRule) -> set[str]:
-        return set(MODE_OUTPUTS[rule.mode]) & self._node_outputs
+        mode_outputs = set(MODE_OUTPUTS[rule.mode]) - refused_outputs(rule.perturbation)
+        return mode_outputs & self._node_outputs
 
     def _require(self, caller: str, rule: CallerRule, wanted: set[str]) -> None:
         self._policy.check_outputs(caller, rule, wanted)
@@ -130,6 +145,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 f"the owner does not allow {refused} on this node; allowed: "
                 f"{sorted(self._allowed(rule))} (see GetMetadata)"
             )
+        check_outputs(rule.perturbation, wanted)
 
     def _audit(
         self,
@@ -200,14 +216,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
         self._policy.admit(caller, rule, images.shape[0])
-        out = self._engine.query(images, with_bn_loss=request.want_bn_loss)
-        logits = out.logits
-        if rule.perturbation.active:
-            logits = perturb_logits(logits, rule.perturbation, self._policy.generator)
+        answer = answer_query(
+            self._engine,
+            images,
+            rule.perturbation,
+            self._noise,
+            features=request.want_features,
+            bn_loss=request.want_bn_loss,
+        )
         reply = teacher_pb2.QueryResponse(
-            logits=encode(logits, dtype),
-            features=encode(out.features, dtype) if request.want_features else None,
-            bn_loss=float(out.bn_loss) if out.bn_loss is not None else 0.0,
+            logits=encode(answer.logits, dtype),
+            features=None if answer.features is None else encode(answer.features, dtype),
+            bn_loss=0.0 if answer.bn_loss is None else answer.bn_loss,
         )
         self._audit(caller, "Query", images.shape[0], "allowed", bytes_returned=reply.ByteSize())
         return reply
@@ -235,9 +255,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         )
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
         self._policy.admit(caller, rule, images.shape[0])
-        gradient = self._engine.input_grad(images, grad_logits, request.bn_weight)
-        if rule.perturbation.gradient_sigma:
-            gradient = perturb_gradient(gradient, rule.perturbation, self._policy.generator)
+        gradient = answer_input_grad(
+            self._engine, images, grad_logits, request.bn_weight, rule.perturbation, self._noise
+        )
         reply = teacher_pb2.InputGradResponse(grad_images=encode(gradient, dtype))
         self._audit(
             caller, "InputGrad", images.shape[0], "allowed", bytes_returned=reply.ByteSize()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,9 +123,14 @@ def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sect
             "client_ca": str(pki["trusted"].ca.cert),
         }
     )
+    # Deny by default: the node answers the dev PKI's student unless a test sets a policy.
+    policy: dict[str, Any] = (
+        {"allow_any_trusted_caller": True} if insecure else {"callers": {"student": {}}}
+    )
     data = {
         "node": {"package": str(package), "address": "127.0.0.1:0", **sections.pop("node", {})},
         "tls": tls,
+        "policy": sections.pop("policy", policy),
         **sections,
     }
     return parse_teacher_config(data, base=tmp)
@@ -157,11 +163,14 @@ def inprocess_node(digits_teachers, dev_pki, tmp_path: Path):
 
     servers = []
 
-    def start(index: int = 0, insecure: bool = False, clock=None, **sections) -> str:
+    def start(
+        index: int = 0, insecure: bool = False, clock=None, monotonic=None, **sections
+    ) -> str:
         config = node_config(
             digits_teachers.packages[index], dev_pki, tmp_path, insecure=insecure, **sections
         )
-        server, port, _ = build_server(config, clock=clock) if clock else build_server(config)
+        clocks = {"clock": clock, "monotonic": monotonic}
+        server, port, _ = build_server(config, **{k: v for k, v in clocks.items() if v})
         server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"

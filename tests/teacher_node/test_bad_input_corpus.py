@@ -254,9 +254,10 @@ def test_the_corpus_has_at_least_50_cases() -> None:
 
 
 def test_every_case_gets_its_status_and_the_node_keeps_serving(
-    inprocess_node, dev_pki, digits_teachers
+    inprocess_node, dev_pki, digits_teachers, tmp_path
 ) -> None:
-    address = inprocess_node(policy=POLICY, limits={"max_batch": 64, "max_message_bytes": 200_000})
+    policy = {**POLICY, "budget_file": str(tmp_path / "budget.json")}
+    address = inprocess_node(policy=policy, limits={"max_batch": 64, "max_message_bytes": 200_000})
     trusted_channel = open_channel(client_config(address, dev_pki))
     trusted = teacher_pb2_grpc.TeacherServiceStub(trusted_channel)
     local = InProcessTeacher.from_package(digits_teachers.packages[0])
