@@ -201,3 +201,60 @@ def node_processes(digits_teachers, dev_pki, tmp_path: Path):
     yield start
     for node in started:
         node.stop()
+
+
+@dataclass(frozen=True)
+class IdentityPki:
+    """A client CA bundle of three CAs and client certificates that probe identity binding.
+
+    ``bundle`` holds the dev PKI's CA (which issues ``student`` and the callers), a *rogue* CA
+    with the very same subject name, and a second organization's CA. ``clients`` maps a name
+    to (key PEM, certificate PEM): ``rogue-student`` and ``orgb-student`` (CN=student from the
+    other CAs), ``spiffe-student`` and ``spiffe-other`` (SAN URI only, from the dev CA),
+    ``two-cns`` (CN=student and CN=admin), ``no-name`` (no CN, no SAN), ``pinned`` (org B,
+    CN=pinned-workload, its key's SPKI hash in ``pinned_spki``).
+    """
+
+    bundle: Path
+    trusted_ca: Path
+    clients: dict[str, tuple[bytes, bytes]]
+    pinned_spki: str
+
+
+@pytest.fixture(scope="session")
+def identity_pki(dev_pki, tmp_path_factory: pytest.TempPathFactory) -> IdentityPki:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from cdfkd.teacher_node.identity import spki_sha256
+    from cdfkd.teacher_node.pki import create_ca
+    from tests.helpers import client_certificate, pem
+
+    root = tmp_path_factory.mktemp("identity_pki")
+    trusted = dev_pki["trusted"]
+    ca_key = serialization.load_pem_private_key(trusted.ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(trusted.ca.cert.read_bytes())
+    rogue_key, rogue_cert = create_ca()  # the dev CA's default name
+    orgb_key, orgb_cert = create_ca("org B CA")
+    assert rogue_cert.subject == ca_cert.subject  # same name, another key
+    clients = {
+        "rogue-student": client_certificate(rogue_key, rogue_cert, common_names=("student",)),
+        "orgb-student": client_certificate(orgb_key, orgb_cert, common_names=("student",)),
+        "spiffe-student": client_certificate(ca_key, ca_cert, san_uris=("spiffe://org/student",)),
+        "spiffe-other": client_certificate(ca_key, ca_cert, san_uris=("spiffe://org/other",)),
+        "two-cns": client_certificate(ca_key, ca_cert, common_names=("student", "admin")),
+        "no-name": client_certificate(ca_key, ca_cert),
+        "pinned": client_certificate(orgb_key, orgb_cert, common_names=("pinned-workload",)),
+    }
+    bundle = root / "client-ca-bundle.pem"
+    bundle.write_bytes(
+        trusted.ca.cert.read_bytes()
+        + rogue_cert.public_bytes(serialization.Encoding.PEM)
+        + orgb_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return IdentityPki(
+        bundle=bundle,
+        trusted_ca=trusted.ca.cert,
+        clients={name: pem(*pair) for name, pair in clients.items()},
+        pinned_spki=spki_sha256(clients["pinned"][1]),
+    )
