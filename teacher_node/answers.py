@@ -9,10 +9,12 @@ model, because any exact one gives the noise away:
 - ``bn_loss``: refused, or carries ``bn_loss_sigma`` noise.
 - input gradients: the VJP of the logits *as answered* (after temperature and top-k), so they
   cannot reveal what those hide; with noise in the rule they are refused unless
-  ``gradient_sigma`` is set. Before the VJP each row of ``grad_logits`` is clipped to
-  ``grad_logits_max_norm`` and ``|bn_weight|`` capped to ``bn_weight_max``; the noise std is
-  ``gradient_sigma * (grad_logits_max_norm + bn_weight_max)``, fixed by the owner, so scaling
-  the cotangent by 1e6 and the answer back by 1e-6 no longer divides the noise by 1e6.
+  ``gradient_sigma`` is set. Before the VJP each row ``v_i`` of ``grad_logits`` is clipped to
+  ``grad_logits_max_norm`` and ``|bn_weight|`` capped to ``bn_weight_max``; row i's noise std
+  is ``gradient_sigma * (||v_i|| + |bn_weight|)`` of the clipped values. The answer is linear in
+  the cotangent, so its noise-to-signal ratio is the same at every scale: scaling a request by
+  1e6 (and the answer back) no longer divides the noise by 1e6, and no answer exceeds what the
+  bounds allow.
 
 Noise is keyed: a node secret and the request's content (the image's bytes, for gradients also
 the cotangent row, ``bn_weight`` and, where the BN term couples the batch, the batch as a set)
@@ -217,8 +219,9 @@ def answer_input_grad(
     """The rule's input gradient d/dx [<v, T(t(x))> + w R(x)], clipped, capped, noised.
 
     ``v`` is ``grad_logits`` with each row clipped to ``grad_logits_max_norm``, ``w`` is
-    ``bn_weight`` capped to ``bn_weight_max``, ``T`` the rule's temperature and top-k, and the
-    noise std ``gradient_sigma * (grad_logits_max_norm + bn_weight_max)``.
+    ``bn_weight`` capped to ``bn_weight_max``, ``T`` the rule's temperature and top-k; row i's
+    noise std is ``gradient_sigma * (||v_i|| + |w|)``, in proportion to the request, so no
+    rescaling of it changes the answer's noise-to-signal ratio.
 
     Args:
         engine: The teacher.
@@ -234,9 +237,10 @@ def answer_input_grad(
     clipped = clip_rows(grad_logits, rule.grad_logits_max_norm)
     weight = cap(bn_weight, rule.bn_weight_max)
     gradient = engine.input_grad(images, clipped, weight, logits_transform(rule))
-    std = rule.gradient_noise_std
-    if not std:
+    if not rule.gradient_sigma:
         return gradient
+    scale = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) + abs(weight)
+    std = (rule.gradient_sigma * scale).to(gradient.dtype).view(-1, *[1] * (gradient.dim() - 1))
     batch = _batch_key(images) if weight else b""
     keys = _keys(
         "input_grad",

@@ -75,9 +75,9 @@ class Perturbation(BaseModel):
     Once any of it is set (:attr:`active`), every output derived from the model is perturbed
     or refused: features only with ``features_sigma``, the BN-prior term only with
     ``bn_loss_sigma``, input gradients through the same temperature and top-k as the logits,
-    and, where the rule adds noise, only with ``gradient_sigma`` (noise scaled to the clipping
-    bounds ``grad_logits_max_norm`` and ``bn_weight_max``, so that rescaling a request cannot
-    shrink it relative to the answer).
+    and, where the rule adds noise, only with ``gradient_sigma`` (each cotangent row clipped to
+    ``grad_logits_max_norm``, ``|bn_weight|`` capped to ``bn_weight_max``, then noise in
+    proportion to them, so that rescaling a request cannot shrink it relative to the answer).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,7 +87,7 @@ class Perturbation(BaseModel):
         default=0.0,
         ge=0.0,
         le=1e3,
-        description="noise std on input gradients per unit of grad_logits_max_norm + bn_weight_max",
+        description="noise std on an input gradient per unit of its (clipped) cotangent",
     )
     temperature: float = Field(default=1.0, gt=0.0, le=1e3)
     top_k: int = Field(default=0, ge=0, description="0 keeps every logit")
@@ -109,8 +109,8 @@ class Perturbation(BaseModel):
         unbounded = self.grad_logits_max_norm is None or self.bn_weight_max is None
         if self.gradient_sigma and unbounded:
             raise ValueError(
-                "gradient_sigma needs grad_logits_max_norm and bn_weight_max: the noise is "
-                "scaled to those bounds (an unbounded request would shrink it to nothing)"
+                "gradient_sigma needs grad_logits_max_norm and bn_weight_max: the owner bounds "
+                "what one request may weigh before noise in proportion to it is added"
             )
         return self
 
@@ -126,14 +126,6 @@ class Perturbation(BaseModel):
         return bool(self.logits_sigma or self.gradient_sigma or self.features_sigma) or bool(
             self.bn_loss_sigma
         )
-
-    @property
-    def gradient_noise_std(self) -> float:
-        """The absolute noise std on input gradients: gradient_sigma times the bounds."""
-        if not self.gradient_sigma:
-            return 0.0
-        bounds = (self.grad_logits_max_norm or 0.0) + (self.bn_weight_max or 0.0)
-        return self.gradient_sigma * bounds
 
 
 class CallerRule(BaseModel):

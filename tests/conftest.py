@@ -110,8 +110,19 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory):
     return {"trusted": trusted, "foreign": foreign, "root": root}
 
 
-def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sections):
-    """A TeacherNodeConfig for ``package`` on 127.0.0.1:0 with the dev PKI's server identity."""
+def node_config(
+    package: Path,
+    pki,
+    tmp: Path,
+    *,
+    insecure: bool = False,
+    client_ca: Path | None = None,
+    **sections,
+):
+    """A TeacherNodeConfig for ``package`` on 127.0.0.1:0 with the dev PKI's server identity.
+
+    ``client_ca`` replaces the dev CA as the bundle of client CAs.
+    """
     from cdfkd.teacher_node.config import parse_teacher_config
 
     tls = (
@@ -120,7 +131,7 @@ def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sect
         else {
             "cert": str(pki["trusted"].server.cert),
             "key": str(pki["trusted"].server.key),
-            "client_ca": str(pki["trusted"].ca.cert),
+            "client_ca": str(client_ca or pki["trusted"].ca.cert),
         }
     )
     # Deny by default: the node answers the dev PKI's student unless a test sets a policy.
@@ -164,10 +175,20 @@ def inprocess_node(digits_teachers, dev_pki, tmp_path: Path):
     servers = []
 
     def start(
-        index: int = 0, insecure: bool = False, clock=None, monotonic=None, **sections
+        index: int = 0,
+        insecure: bool = False,
+        clock=None,
+        monotonic=None,
+        client_ca: Path | None = None,
+        **sections,
     ) -> str:
         config = node_config(
-            digits_teachers.packages[index], dev_pki, tmp_path, insecure=insecure, **sections
+            digits_teachers.packages[index],
+            dev_pki,
+            tmp_path,
+            insecure=insecure,
+            client_ca=client_ca,
+            **sections,
         )
         clocks = {"clock": clock, "monotonic": monotonic}
         server, port, _ = build_server(config, **{k: v for k, v in clocks.items() if v})
