@@ -9,6 +9,7 @@ same name, and another organization's CA), so every rule names its issuer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,7 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE  # a refused TLS handshake, as the cli
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 #: The rules; ``_policy`` adds the dev CA as every rule's issuer (the bundle holds three CAs).
-POLICY = {
+POLICY: dict[str, dict[str, dict[str, Any]]] = {
     "callers": {
         "student": {"mode": "full"},
         "caller-0": {"mode": "logits_only"},
