@@ -290,7 +290,7 @@ class CallerIdentities:
             )
         if matched:
             return matched[0]
-        if not (peer.common_names or peer.san_uris or peer.san_dns):
+        if not any((*peer.common_names, *peer.san_uris, *peer.san_dns)):  # none, or only ""
             raise Unauthenticated(
                 "the client certificate names no identity (no common name, no SAN) and no rule "
                 "pins its key"
