@@ -95,11 +95,11 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         nodes = []
         for index, (package, rule) in enumerate(zip(packages, rules, strict=True)):
             directory = out / "nodes" / f"{index}"
-            extra = _policy_toml(rule, node_budget, directory / "budget.json")
+            policy = _policy_toml(rule, node_budget, directory / "budget.json")
             (directory / "budget.json").unlink(missing_ok=True)
             nodes.append(
                 stack.enter_context(
-                    TeacherNodeProcess(package, directory, pki, threads=1, extra=extra)
+                    TeacherNodeProcess(package, directory, pki, threads=1, policy=policy)
                 )
             )
         config = RunConfig(

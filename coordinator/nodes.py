@@ -6,6 +6,7 @@ then SIGKILL after a grace period), so no node outlives the run that started it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +15,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from cdfkd.teacher_node.pki import DevPki
 
@@ -28,8 +32,14 @@ def teacher_toml(
     address: str = "127.0.0.1:0",
     threads: int | None = None,
     extra: str = "",
+    policy: str | None = None,
 ) -> str:
-    """The ``teacher.toml`` text of a node: mutual TLS with ``pki``, or plaintext when None."""
+    """The ``teacher.toml`` text of a node: mutual TLS with ``pki``, or plaintext when None.
+
+    ``policy`` is the TOML of its ``[policy]`` tables; by default the node answers the PKI's
+    client identity (``pki.client``, CN ``student`` from ``cdfkd pki dev``) in full mode, and a
+    plaintext node answers every caller (``allow_any_trusted_caller``; tests, benchmarks).
+    """
     lines = [
         "[node]",
         f'package = "{package}"',
@@ -48,7 +58,18 @@ def teacher_toml(
             f'key = "{pki.server.key}"',
             f'client_ca = "{pki.ca.cert}"',
         ]
-    return "\n".join(lines) + "\n" + extra
+    if policy is None:
+        policy = default_policy(pki)
+    return "\n".join(lines) + "\n" + policy + extra
+
+
+def default_policy(pki: DevPki | None) -> str:
+    """``[policy]`` TOML answering ``pki``'s client identity (full mode), or, in plaintext, all."""
+    if pki is None:
+        return "[policy]\nallow_any_trusted_caller = true\n"
+    certificate = x509.load_pem_x509_certificate(pki.client.cert.read_bytes())
+    (name,) = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return f'[policy.callers.{json.dumps(str(name.value))}]\nmode = "full"\n'
 
 
 class TeacherNodeProcess:
@@ -60,7 +81,8 @@ class TeacherNodeProcess:
         pki: Mutual TLS identities; None serves plaintext (tests, benchmarks).
         address: Listen address; port 0 picks a free port.
         threads: torch threads of the node.
-        extra: More TOML appended to the config (limits, choices).
+        extra: More TOML appended to the config (limits, choices, audit).
+        policy: The ``[policy]`` TOML; by default :func:`default_policy`.
         command_prefix: Run the node under this command, e.g. ``["ip", "netns", "exec", NS]``
             to serve from another network namespace; it must exec the node, not fork it, so
             that stopping this process stops the node.
@@ -76,6 +98,7 @@ class TeacherNodeProcess:
         threads: int | None = None,
         extra: str = "",
         command_prefix: Sequence[str] = (),
+        policy: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -84,7 +107,13 @@ class TeacherNodeProcess:
         self.log_path = self.directory / "node.log"
         self.config_path.write_text(
             teacher_toml(
-                Path(package), self.address_file, pki, address=address, threads=threads, extra=extra
+                Path(package),
+                self.address_file,
+                pki,
+                address=address,
+                threads=threads,
+                extra=extra,
+                policy=policy,
             )
         )
         self.command_prefix = list(command_prefix)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cdfkd.protos.codec import WIRE_DTYPES
 from cdfkd.teacher_node.config_files import read_toml, resolve_path, validate
 from cdfkd.teacher_node.errors import TeacherConfigError
-from cdfkd.teacher_node.policy import PolicyConfig
+from cdfkd.teacher_node.policy import PolicyConfig, is_sha256
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -169,7 +169,7 @@ class TeacherNodeConfig(BaseModel):
     tls: TlsSettings
     limits: Limits = Limits()
     choices: Choices = Choices()
-    policy: PolicyConfig = PolicyConfig()
+    policy: PolicyConfig
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
 
@@ -189,7 +189,9 @@ def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> Teac
     Raises:
         TeacherConfigError: naming every offending dotted key.
     """
-    config = validate(TeacherNodeConfig, {"tls": {}, **data}, "teacher config", TeacherConfigError)
+    config = validate(
+        TeacherNodeConfig, {"tls": {}, "policy": {}, **data}, "teacher config", TeacherConfigError
+    )
     if base is None:
         return config
     node = config.node.model_copy(
@@ -204,8 +206,14 @@ def parse_teacher_config(data: dict[str, Any], base: Path | None = None) -> Teac
             for key in ("cert", "key", "client_ca")
         }
     )
+    callers = {
+        name: rule
+        if rule.issuer is None or is_sha256(rule.issuer)
+        else rule.model_copy(update={"issuer": str(resolve_path(Path(rule.issuer), base))})
+        for name, rule in config.policy.callers.items()
+    }
     policy = config.policy.model_copy(
-        update={"budget_file": resolve_path(config.policy.budget_file, base)}
+        update={"budget_file": resolve_path(config.policy.budget_file, base), "callers": callers}
     )
     audit = config.audit.model_copy(update={"path": resolve_path(config.audit.path, base)})
     return config.model_copy(update={"node": node, "tls": tls, "policy": policy, "audit": audit})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -195,14 +195,22 @@ class TeacherEngine:
         with self._lock, torch.no_grad():
             return self._forward(images, with_bn_loss)
 
-    def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
-        """The VJP d/dx [<grad_logits, t(x)> + bn_weight * R(x)].
+    def input_grad(
+        self,
+        images: Tensor,
+        grad_logits: Tensor,
+        bn_weight: float,
+        logits_transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """The VJP d/dx [<grad_logits, T(t(x))> + bn_weight * R(x)].
 
         Args:
             images: float (B, C, H, W) synthetic run-space images (see :meth:`query`).
             grad_logits: float (B, num_classes) the cotangent v = dL_G/dt computed by the caller.
             bn_weight: the factor on R(x), w_bn / N in METHOD.md; 0 for a teacher without
                 BatchNorm.
+            logits_transform: T, a differentiable map of the logits (an owner's temperature and
+                top-k); None is the identity.
 
         Returns:
             float (B, C, H, W), the gradient with respect to ``images``.
@@ -219,7 +227,10 @@ class TeacherEngine:
         inputs = images.detach().requires_grad_(True)
         with self._lock, torch.enable_grad():
             outputs = self._forward(inputs, with_bn_loss=bn_weight != 0.0)
-            objective = (outputs.logits * grad_logits.to(outputs.logits.dtype)).sum()
+            logits = outputs.logits
+            if logits_transform is not None:
+                logits = logits_transform(logits)
+            objective = (logits * grad_logits.to(logits.dtype)).sum()
             if outputs.bn_loss is not None:
                 objective = objective + bn_weight * outputs.bn_loss
             (gradient,) = torch.autograd.grad(objective, inputs)

@@ -35,3 +35,7 @@ class PermissionDenied(TeacherError):
 
 class PkiError(TeacherError):
     """Certificates cannot be written or issued (an existing CA, a bad CA file; exit code 2)."""
+
+
+class Unauthenticated(TeacherError):
+    """The caller's certificate establishes no single identity (UNAUTHENTICATED)."""

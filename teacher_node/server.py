@@ -79,11 +79,13 @@ def message_bytes_for(config: TeacherNodeConfig, info: EngineInfo) -> int:
     return min(2**31 - 1, elements * itemsize + MESSAGE_OVERHEAD_BYTES)
 
 
-def build_policy(config: TeacherNodeConfig, clock: Clock = time.time) -> Policy:
+def build_policy(
+    config: TeacherNodeConfig, clock: Clock = time.time, monotonic: Clock = time.monotonic
+) -> Policy:
     """The node's policy; output noise is unpredictable unless ``policy.noise_seed`` is set."""
     seed = config.policy.noise_seed
     generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    return Policy(config.policy, clock, generator)
+    return Policy(config.policy, clock, generator, monotonic)
 
 
 def engine_for_package(
@@ -188,7 +190,7 @@ def build_node(
             clock,
             refusals_per_minute=config.audit.refusals_per_minute,
         )
-    policy = build_policy(config, clock)
+    policy = build_policy(config, clock, monotonic)
     admission = Admission(
         FairQueue(config.node.workers, config.limits.max_in_flight_per_caller, 1, monotonic)
     )
@@ -253,8 +255,12 @@ def build_server(
     engine: TeacherEngine | None = None,
     metadata: TeacherMetadata | None = None,
     clock: Clock = time.time,
+    monotonic: Clock = time.monotonic,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A ready (not started) gRPC server for ``config``, without the HTTP endpoints.
+
+    ``clock`` (wall time) dates the daily budgets and the audit, ``monotonic`` drives the rates
+    and the admission queue.
 
     Returns:
         The server, the bound port (the real one when the config says port 0) and its health
@@ -263,7 +269,7 @@ def build_server(
     Raises:
         TeacherConfigError: the address cannot be bound or TLS files cannot be read.
     """
-    node = build_node(_without_endpoints(config), engine, metadata, clock)
+    node = build_node(_without_endpoints(config), engine, metadata, clock, monotonic)
     return node.server, node.port, node.health
 
 

@@ -33,25 +33,32 @@ from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
 from cdfkd.protos.contract import REQUEST_ID_KEY, RETRY_AFTER_KEY
 from cdfkd.teacher_node.admission import Admission, CallDropped, Clock, FairQueue, Ticket
+from cdfkd.teacher_node.answers import (
+    KeyedNoise,
+    answer_input_grad,
+    answer_query,
+    check_outputs,
+    refused_outputs,
+)
 from cdfkd.teacher_node.audit import AuditLog, AuditUnavailable
 from cdfkd.teacher_node.config import TeacherNodeConfig
 from cdfkd.teacher_node.engine import TeacherEngine
-from cdfkd.teacher_node.errors import InvalidInput, LimitExceeded, PermissionDenied
-from cdfkd.teacher_node.package import TeacherMetadata
-from cdfkd.teacher_node.policy import (
-    MODE_OUTPUTS,
-    CallerRule,
-    Policy,
-    perturb_gradient,
-    perturb_logits,
+from cdfkd.teacher_node.errors import (
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    Unauthenticated,
 )
+from cdfkd.teacher_node.identity import CallerIdentities
+from cdfkd.teacher_node.package import TeacherMetadata
+from cdfkd.teacher_node.policy import MODE_OUTPUTS, CallerRule, Policy
 from cdfkd.teacher_node.request_ids import (
     MAX_REQUEST_ID_LENGTH,
     Claim,
     RecentRequests,
     valid_request_id,
 )
-from cdfkd.teacher_node.security import caller_identity
+from cdfkd.teacher_node.security import caller_identity, client_ca_bundle, peer_description
 from cdfkd.teacher_node.telemetry import NodeMetrics
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 #: RPCs that run the engine: admitted, queued fairly, charged once per request id.
 ENGINE_RPCS = frozenset({"Query", "InputGrad"})
@@ -129,11 +137,13 @@ def _rpc(method: Callable[..., Response]) -> Callable[..., Response]:
 
     @functools.wraps(method)
     def wrapper(self: TeacherServicer, request: Any, context: grpc.ServicerContext) -> Response:
+        # What the certificate claims, for refusals, until it is bound to an identity.
         call = _Call(
-            method.__name__, caller_identity(context), context.peer(), self._monotonic(), context
+            method.__name__, peer_description(context), context.peer(), self._monotonic(), context
         )
         self._local.call = call
         try:
+            call.caller = caller_identity(context, self._identities)
             return self._serve(method, request, call)
         except Exception as error:  # noqa: BLE001 - every error must become a status
             self._refuse(call, request, error)
@@ -181,6 +191,12 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._metrics = metrics
         self._max_message_bytes = max_message_bytes or config.limits.max_message_bytes or 0
         self._local = threading.local()
+        self._identities = CallerIdentities(
+            config.policy.callers,
+            client_ca_bundle(config.tls),
+            config.policy.allow_any_trusted_caller,
+        )
+        self._noise = KeyedNoise.from_generator(policy.generator)
         info = engine.info
         side = info.max_image_side
         self._limits = TensorLimits(
@@ -192,7 +208,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._dtypes = config.choices.wire_dtypes
 
     def _allowed(self, rule: CallerRule) -> set[str]:
-        allowed = set(MODE_OUTPUTS[rule.mode]) & self._node_outputs
+        mode_outputs = set(MODE_OUTPUTS[rule.mode]) - refused_outputs(rule.perturbation)
+        allowed = mode_outputs & self._node_outputs
         return allowed if self._engine.info.has_bn_prior else allowed - {"bn_loss"}
 
     def _check_bn_prior(self, wanted: bool) -> None:
@@ -211,6 +228,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 f"the owner does not allow {refused} on this node; allowed: "
                 f"{sorted(self._allowed(rule))} (see GetMetadata)"
             )
+        check_outputs(rule.perturbation, wanted)
 
     def _audit(
         self,
@@ -388,14 +406,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         images = self._images(request.images)
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
         self._charge(caller, rule, images.shape[0])
-        out = self._engine.query(images, with_bn_loss=request.want_bn_loss)
-        logits = out.logits
-        if rule.perturbation.active:
-            logits = perturb_logits(logits, rule.perturbation, self._policy.generator)
+        answer = answer_query(
+            self._engine,
+            images,
+            rule.perturbation,
+            self._noise,
+            features=request.want_features,
+            bn_loss=request.want_bn_loss,
+        )
         reply = teacher_pb2.QueryResponse(
-            logits=encode(logits, dtype),
-            features=encode(out.features, dtype) if request.want_features else None,
-            bn_loss=float(out.bn_loss) if out.bn_loss is not None else 0.0,
+            logits=encode(answer.logits, dtype),
+            features=None if answer.features is None else encode(answer.features, dtype),
+            bn_loss=0.0 if answer.bn_loss is None else answer.bn_loss,
         )
         self._audit(caller, "Query", images.shape[0], "allowed", bytes_returned=reply.ByteSize())
         return reply
@@ -424,9 +446,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         )
         dtype = self._response_dtype(request.response_dtype, request.images.dtype)
         self._charge(caller, rule, images.shape[0])
-        gradient = self._engine.input_grad(images, grad_logits, request.bn_weight)
-        if rule.perturbation.gradient_sigma:
-            gradient = perturb_gradient(gradient, rule.perturbation, self._policy.generator)
+        gradient = answer_input_grad(
+            self._engine, images, grad_logits, request.bn_weight, rule.perturbation, self._noise
+        )
         reply = teacher_pb2.InputGradResponse(grad_images=encode(gradient, dtype))
         self._audit(
             caller, "InputGrad", images.shape[0], "allowed", bytes_returned=reply.ByteSize()

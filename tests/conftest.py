@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,8 +110,19 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory):
     return {"trusted": trusted, "foreign": foreign, "root": root}
 
 
-def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sections):
-    """A TeacherNodeConfig for ``package`` on 127.0.0.1:0 with the dev PKI's server identity."""
+def node_config(
+    package: Path,
+    pki,
+    tmp: Path,
+    *,
+    insecure: bool = False,
+    client_ca: Path | None = None,
+    **sections,
+):
+    """A TeacherNodeConfig for ``package`` on 127.0.0.1:0 with the dev PKI's server identity.
+
+    ``client_ca`` replaces the dev CA as the bundle of client CAs.
+    """
     from cdfkd.teacher_node.config import parse_teacher_config
 
     tls = (
@@ -119,12 +131,17 @@ def node_config(package: Path, pki, tmp: Path, *, insecure: bool = False, **sect
         else {
             "cert": str(pki["trusted"].server.cert),
             "key": str(pki["trusted"].server.key),
-            "client_ca": str(pki["trusted"].ca.cert),
+            "client_ca": str(client_ca or pki["trusted"].ca.cert),
         }
+    )
+    # Deny by default: the node answers the dev PKI's student unless a test sets a policy.
+    policy: dict[str, Any] = (
+        {"allow_any_trusted_caller": True} if insecure else {"callers": {"student": {}}}
     )
     data = {
         "node": {"package": str(package), "address": "127.0.0.1:0", **sections.pop("node", {})},
         "tls": tls,
+        "policy": sections.pop("policy", policy),
         **sections,
     }
     return parse_teacher_config(data, base=tmp)
@@ -157,11 +174,24 @@ def inprocess_node(digits_teachers, dev_pki, tmp_path: Path):
 
     servers = []
 
-    def start(index: int = 0, insecure: bool = False, clock=None, **sections) -> str:
+    def start(
+        index: int = 0,
+        insecure: bool = False,
+        clock=None,
+        monotonic=None,
+        client_ca: Path | None = None,
+        **sections,
+    ) -> str:
         config = node_config(
-            digits_teachers.packages[index], dev_pki, tmp_path, insecure=insecure, **sections
+            digits_teachers.packages[index],
+            dev_pki,
+            tmp_path,
+            insecure=insecure,
+            client_ca=client_ca,
+            **sections,
         )
-        server, port, _ = build_server(config, clock=clock) if clock else build_server(config)
+        clocks = {"clock": clock, "monotonic": monotonic}
+        server, port, _ = build_server(config, **{k: v for k, v in clocks.items() if v})
         server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"
@@ -192,3 +222,60 @@ def node_processes(digits_teachers, dev_pki, tmp_path: Path):
     yield start
     for node in started:
         node.stop()
+
+
+@dataclass(frozen=True)
+class IdentityPki:
+    """A client CA bundle of three CAs and client certificates that probe identity binding.
+
+    ``bundle`` holds the dev PKI's CA (which issues ``student`` and the callers), a *rogue* CA
+    with the very same subject name, and a second organization's CA. ``clients`` maps a name
+    to (key PEM, certificate PEM): ``rogue-student`` and ``orgb-student`` (CN=student from the
+    other CAs), ``spiffe-student`` and ``spiffe-other`` (SAN URI only, from the dev CA),
+    ``two-cns`` (CN=student and CN=admin), ``no-name`` (no CN, no SAN), ``pinned`` (org B,
+    CN=pinned-workload, its key's SPKI hash in ``pinned_spki``).
+    """
+
+    bundle: Path
+    trusted_ca: Path
+    clients: dict[str, tuple[bytes, bytes]]
+    pinned_spki: str
+
+
+@pytest.fixture(scope="session")
+def identity_pki(dev_pki, tmp_path_factory: pytest.TempPathFactory) -> IdentityPki:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from cdfkd.teacher_node.identity import spki_sha256
+    from cdfkd.teacher_node.pki import create_ca
+    from tests.helpers import client_certificate, pem
+
+    root = tmp_path_factory.mktemp("identity_pki")
+    trusted = dev_pki["trusted"]
+    ca_key = serialization.load_pem_private_key(trusted.ca.key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(trusted.ca.cert.read_bytes())
+    rogue_key, rogue_cert = create_ca()  # the dev CA's default name
+    orgb_key, orgb_cert = create_ca("org B CA")
+    assert rogue_cert.subject == ca_cert.subject  # same name, another key
+    clients = {
+        "rogue-student": client_certificate(rogue_key, rogue_cert, common_names=("student",)),
+        "orgb-student": client_certificate(orgb_key, orgb_cert, common_names=("student",)),
+        "spiffe-student": client_certificate(ca_key, ca_cert, san_uris=("spiffe://org/student",)),
+        "spiffe-other": client_certificate(ca_key, ca_cert, san_uris=("spiffe://org/other",)),
+        "two-cns": client_certificate(ca_key, ca_cert, common_names=("student", "admin")),
+        "no-name": client_certificate(ca_key, ca_cert),
+        "pinned": client_certificate(orgb_key, orgb_cert, common_names=("pinned-workload",)),
+    }
+    bundle = root / "client-ca-bundle.pem"
+    bundle.write_bytes(
+        trusted.ca.cert.read_bytes()
+        + rogue_cert.public_bytes(serialization.Encoding.PEM)
+        + orgb_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return IdentityPki(
+        bundle=bundle,
+        trusted_ca=trusted.ca.cert,
+        clients={name: pem(*pair) for name, pair in clients.items()},
+        pinned_spki=spki_sha256(clients["pinned"][1]),
+    )

@@ -166,3 +166,65 @@ def reference_logits_and_bn_prior(model: nn.Module, images: Tensor) -> tuple[Ten
             + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
         )
     return logits, prior
+
+
+def client_certificate(
+    ca_key: Any,
+    ca_cert: Any,
+    *,
+    common_names: tuple[str, ...] = (),
+    san_uris: tuple[str, ...] = (),
+    san_dns: tuple[str, ...] = (),
+    key: Any = None,
+) -> tuple[Any, Any]:
+    """A client certificate signed by ``ca_key``, with any number of CNs and SANs (tests only).
+
+    ``cdfkd.teacher_node.pki.issue`` makes one CN and a DNS SAN; identity tests also need
+    certificates with two CNs, none, or only a SPIFFE-style URI.
+
+    Returns:
+        (private key, certificate); ``key`` reuses a key (for pinning tests).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name) for name in common_names])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in san_uris]
+    names += [x509.DNSName(d) for d in san_dns]
+    if names:
+        # RFC 5280: with an empty subject the SAN extension is critical.
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(names), critical=not common_names
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def pem(key: Any, cert: Any) -> tuple[bytes, bytes]:
+    """(private key PEM, certificate PEM)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return (
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )

@@ -1,20 +1,24 @@
-"""The bad-input corpus: transport, identity, policy and tensor cases, each with its status code.
+"""The bad-input corpus: transport, identity, policy and tensor cases, each with its status code,
+and the attacks on what leaves the node (issue 17), each written as the attacker would run it.
 
 After every case the node still answers a trusted caller correctly, and no refusal carries a
-traceback.
+traceback. The node's client CA bundle holds three CAs (the dev CA, a rogue CA with the very
+same name, and another organization's CA), so every rule names its issuer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import pytest
 import torch
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import encode
 from cdfkd.student_node.teachers.local import InProcessTeacher
-from cdfkd.student_node.teachers.remote import open_channel
+from cdfkd.student_node.teachers.remote import RemoteTeacher, open_channel
 from tests.conftest import client_config
 from tests.helpers import expired_client_credentials
 from tests.teacher_node.test_service import BAD_REQUESTS
@@ -25,22 +29,50 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE  # a refused TLS handshake, as the client sees it
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
-POLICY = {
+#: The rules; ``_policy`` adds the dev CA as every rule's issuer (the bundle holds three CAs).
+POLICY: dict[str, dict[str, dict[str, Any]]] = {
     "callers": {
         "student": {"mode": "full"},
         "caller-0": {"mode": "logits_only"},
         "caller-1": {"mode": "no_features"},
         "caller-2": {"budget_images": 0},
         "caller-3": {"rate_images_per_s": 1, "burst_images": 4},
+        # Noisy logits only: features, the BN term and gradients would undo the noise.
+        "caller-4": {"perturbation": {"logits_sigma": 1.0}},
+        # Everything noised: features, R(x), gradients (clipped, capped, proportional noise).
+        "caller-5": {
+            "perturbation": {
+                "logits_sigma": 1.0,
+                "features_sigma": 1.0,
+                "bn_loss_sigma": 0.1,
+                "gradient_sigma": 0.5,
+                "grad_logits_max_norm": 1.0,
+                "bn_weight_max": 0.05,
+            }
+        },
+        # Temperature and top-k, no noise: gradients through the same transform.
+        "caller-6": {"perturbation": {"temperature": 4.0, "top_k": 3}},
+        # Noisy logits with a budget: what averaging costs.
+        "caller-7": {"budget_images": 64 * 40, "perturbation": {"logits_sigma": 1.0}},
+        "trainer": {"san_uri": "spiffe://org/student", "mode": "logits_only"},
     }
 }
+
+
+def _policy(identity_pki, tmp_path) -> dict:
+    issuer = str(identity_pki.trusted_ca)
+    callers = {name: {**rule, "issuer": issuer} for name, rule in POLICY["callers"].items()}
+    return {"callers": callers, "budget_file": str(tmp_path / "budget.json")}
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    caller: str  # "student", a client name, or "foreign", "anonymous", "plaintext", "expired"
+    # "student", a client name, "foreign", "anonymous", "plaintext", "expired", or a
+    # certificate of the identity_pki fixture ("rogue-student", "two-cns", ...)
+    caller: str
     method: str
     request: object
     code: grpc.StatusCode
@@ -56,6 +88,14 @@ def _grad(batch: int = 4, classes: int = 10) -> teacher_pb2.Tensor:
 
 def _tensor(dtype: str, shape: list[int], data: bytes) -> teacher_pb2.Tensor:
     return teacher_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+def _query(**flags: bool) -> teacher_pb2.QueryRequest:
+    return teacher_pb2.QueryRequest(images=_images(), **flags)
+
+
+def _metadata() -> teacher_pb2.GetMetadataRequest:
+    return teacher_pb2.GetMetadataRequest()
 
 
 TRANSPORT = [
@@ -94,7 +134,49 @@ IDENTITY = [
         DENIED,
     ),
 ]
+IDENTITY += [
+    Case("another CA's student", "orgb-student", "GetMetadata", _metadata(), DENIED),
+    Case("another CA's student queries", "orgb-student", "Query", _query(), DENIED),
+    Case("same-named rogue CA's student", "rogue-student", "Query", _query(), UNAVAILABLE),
+    Case("unlisted SAN-only certificate", "spiffe-other", "Query", _query(), DENIED),
+    Case("listed SAN-only certificate", "spiffe-student", "Query", _query(), OK),
+    Case("two common names", "two-cns", "Query", _query(), UNAUTHENTICATED),
+    Case("no name at all", "no-name", "Query", _query(), UNAUTHENTICATED),
+    Case("pinned key of no rule", "pinned", "GetMetadata", _metadata(), DENIED),
+]
 POLICY_CASES = [
+    Case("noisy caller asks features", "caller-4", "Query", _query(want_features=True), DENIED),
+    Case("noisy caller asks the BN term", "caller-4", "Query", _query(want_bn_loss=True), DENIED),
+    Case(
+        "noisy caller asks gradients",
+        "caller-4",
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=_images(), grad_logits=_grad()),
+        DENIED,
+    ),
+    Case(
+        "tempered caller asks the BN gradient",
+        "caller-6",
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=_images(), grad_logits=_grad(), bn_weight=0.1),
+        DENIED,
+    ),
+    Case(
+        "tempered caller asks gradients",
+        "caller-6",
+        "InputGrad",
+        teacher_pb2.InputGradRequest(images=_images(), grad_logits=_grad()),
+        OK,
+    ),
+    Case(
+        "noised caller rescales its cotangent by 1e6",
+        "caller-5",
+        "InputGrad",
+        teacher_pb2.InputGradRequest(
+            images=_images(), grad_logits=encode(1e6 * torch.randn(4, 10)), bn_weight=1e6
+        ),
+        OK,
+    ),
     Case(
         "logits_only asks features",
         "caller-0",
@@ -222,8 +304,12 @@ def _expired_credentials(pki) -> grpc.ChannelCredentials:
     return expired_client_credentials(pki["trusted"], "student")
 
 
-def _channel(address: str, pki, caller: str) -> grpc.Channel:
+def _channel(address: str, pki, caller: str, identity_pki=None) -> grpc.Channel:
     trusted, foreign = pki["trusted"], pki["foreign"]
+    if identity_pki is not None and caller in identity_pki.clients:
+        key, cert = identity_pki.clients[caller]
+        credentials = grpc.ssl_channel_credentials(trusted.ca.cert.read_bytes(), key, cert)
+        return grpc.secure_channel(address, credentials)
     match caller:
         case "foreign":
             return grpc.secure_channel(
@@ -254,9 +340,13 @@ def test_the_corpus_has_at_least_50_cases() -> None:
 
 
 def test_every_case_gets_its_status_and_the_node_keeps_serving(
-    inprocess_node, dev_pki, digits_teachers
+    inprocess_node, dev_pki, identity_pki, digits_teachers, tmp_path
 ) -> None:
-    address = inprocess_node(policy=POLICY, limits={"max_batch": 64, "max_message_bytes": 200_000})
+    address = inprocess_node(
+        policy=_policy(identity_pki, tmp_path),
+        limits={"max_batch": 64, "max_message_bytes": 200_000},
+        client_ca=identity_pki.bundle,
+    )
     trusted_channel = open_channel(client_config(address, dev_pki))
     trusted = teacher_pb2_grpc.TeacherServiceStub(trusted_channel)
     local = InProcessTeacher.from_package(digits_teachers.packages[0])
@@ -264,7 +354,7 @@ def test_every_case_gets_its_status_and_the_node_keeps_serving(
     expected = local.query(check).logits
     outcomes = {}
     for case in CORPUS:
-        channel = _channel(address, dev_pki, case.caller)
+        channel = _channel(address, dev_pki, case.caller, identity_pki)
         stub = teacher_pb2_grpc.TeacherServiceStub(channel)
         try:
             getattr(stub, case.method)(case.request, timeout=10)
@@ -282,3 +372,192 @@ def test_every_case_gets_its_status_and_the_node_keeps_serving(
         assert torch.equal(answer, expected), case.name
     trusted_channel.close()
     assert sum(code != OK for code in outcomes.values()) >= 50
+
+
+# --- Attacks on what leaves the node ----------------------------------------------------------
+# Each one is what an attacker would run with ordinary requests. On the code before issue 17
+# every one of them stripped the noise (or read what the owner hid).
+
+
+class _Attacker:
+    """A caller's raw stub, and the same teacher computed locally for the ground truth."""
+
+    def __init__(self, address: str, pki, name: str, local: InProcessTeacher) -> None:
+        self.channel = open_channel(client_config(address, pki, name=name))
+        self.stub = teacher_pb2_grpc.TeacherServiceStub(self.channel)
+        self.local = local
+
+    def query(self, images: torch.Tensor, **flags: bool) -> teacher_pb2.QueryResponse:
+        return self.stub.Query(teacher_pb2.QueryRequest(images=encode(images), **flags), timeout=30)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return _decode(self.query(images).logits)
+
+    def input_grad(self, images: torch.Tensor, cotangent: torch.Tensor, bn_weight: float):
+        request = teacher_pb2.InputGradRequest(
+            images=encode(images), grad_logits=encode(cotangent), bn_weight=bn_weight
+        )
+        return _decode(self.stub.InputGrad(request, timeout=30).grad_images)
+
+
+def _decode(message: teacher_pb2.Tensor) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(message.data), dtype=torch.float32)
+    return data.view(*message.shape)
+
+
+def _refused(call) -> grpc.StatusCode:  # noqa: ANN001 - a zero-argument call
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return OK
+
+
+@pytest.fixture
+def attack_node(inprocess_node, dev_pki, identity_pki, digits_teachers, tmp_path):
+    """(address, local teacher) of a node with the corpus policy."""
+    address = inprocess_node(
+        policy=_policy(identity_pki, tmp_path),
+        limits={"max_batch": 512},
+        client_ca=identity_pki.bundle,
+    )
+    return address, InProcessTeacher.from_package(digits_teachers.packages[0])
+
+
+def _least_squares_logits(features: torch.Tensor, logits: torch.Tensor, fresh: torch.Tensor):
+    """Fit logits = W f + b on one batch, then predict the logits of ``fresh`` features."""
+    design = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()
+    solution = torch.linalg.lstsq(design, logits.double()).solution
+    return torch.cat([fresh, torch.ones(len(fresh), 1)], dim=1).double() @ solution
+
+
+def test_least_squares_on_features_cannot_strip_the_logit_noise(attack_node, dev_pki) -> None:
+    address, local = attack_node
+    torch.manual_seed(7)
+    batch, fresh = torch.randn(512, *SHAPE), torch.randn(256, *SHAPE)
+    truth = local.query(fresh).logits.double()
+    # Noisy logits, no feature noise configured: features are refused, so no fit is possible.
+    noisy_only = _Attacker(address, dev_pki, "caller-4", local)
+    assert _refused(lambda: noisy_only.query(batch, want_features=True)) == DENIED
+    # Features with their own noise: fit the last layer on one batch, predict fresh logits.
+    attacker = _Attacker(address, dev_pki, "caller-5", local)
+    reply = attacker.query(batch, want_features=True)
+    fresh_reply = attacker.query(fresh, want_features=True)
+    estimate = _least_squares_logits(
+        _decode(reply.features), _decode(reply.logits), _decode(fresh_reply.features)
+    )
+    answered = _decode(fresh_reply.logits).double()
+    best = min(
+        (estimate - truth).std().item(),
+        (answered - truth).std().item(),
+        ((estimate + answered) / 2 - truth).std().item(),
+    )
+    print(f"\nleast squares: best estimate error {best:.3f} (logits_sigma 1.0)")
+    # With exact features (before issue 17) the same fit gave the logits to 0.43 sigma from
+    # this one batch (measured on the digits teacher), and less with every further batch; with
+    # features_sigma = 1 it measured 0.64 sigma: noisy features are a second view of the
+    # logits, which the threat model in deploy/teacher/README.md states.
+    assert best > 0.5
+
+
+def test_rescaling_the_cotangent_does_not_shrink_the_noise(attack_node, dev_pki) -> None:
+    address, local = attack_node
+    attacker = _Attacker(address, dev_pki, "caller-5", local)
+    torch.manual_seed(8)
+    images = torch.randn(64, *SHAPE)
+    cotangent = torch.randn(64, 10)
+    cotangent = 0.5 * cotangent / cotangent.norm(dim=1, keepdim=True)  # inside the clip of 1.0
+
+    def noise_to_signal(scale: float, bn_weight: float) -> float:
+        answer = attacker.input_grad(images, scale * cotangent, scale * bn_weight)
+        # What the node computed before its noise: the clipped and capped request.
+        rows = (scale * cotangent).norm(dim=1, keepdim=True)
+        clipped = scale * cotangent * torch.clamp(1.0 / rows, max=1.0)
+        capped = min(scale * bn_weight, 0.05)
+        signal = local.input_grad(images, clipped, capped)
+        return ((answer - signal).norm() / signal.norm()).item()
+
+    for bn_weight in (0.0, 0.01):
+        ratios = {scale: noise_to_signal(scale, bn_weight) for scale in (1e-3, 1.0, 1e6)}
+        print(f"\nnoise/signal by scale (bn_weight {bn_weight}): {ratios}")
+        assert ratios[1.0] > 0.1  # the noise is there
+        for scale in (1e-3, 1e6):  # and no scale of the request shrinks it
+            assert ratios[scale] > 0.8 * ratios[1.0], (scale, ratios)
+
+
+def test_the_bn_term_is_never_exact_for_a_perturbing_rule(attack_node, dev_pki) -> None:
+    address, local = attack_node
+    torch.manual_seed(9)
+    batches = [torch.randn(32, *SHAPE) for _ in range(24)]
+    noisy_only = _Attacker(address, dev_pki, "caller-4", local)
+    assert _refused(lambda: noisy_only.query(batches[0], want_bn_loss=True)) == DENIED
+    attacker = _Attacker(address, dev_pki, "caller-5", local)
+    errors = torch.tensor(
+        [
+            attacker.query(batch, want_bn_loss=True).bn_loss - float(local.query(batch).bn_loss)
+            for batch in batches
+        ]
+    )
+    print(f"\nbn_loss error std {errors.std().item():.4f} (bn_loss_sigma 0.1)")
+    assert 0.05 < errors.std().item() < 0.2
+    # The same batch reordered is the same question: no fresh noise to average.
+    first, reordered = batches[0], batches[0].flip(0)
+    assert attacker.query(first, want_bn_loss=True).bn_loss == pytest.approx(
+        attacker.query(reordered, want_bn_loss=True).bn_loss, abs=1e-4
+    )
+
+
+def test_input_gradients_follow_the_temperature_and_top_k(attack_node, dev_pki) -> None:
+    address, local = attack_node
+    attacker = _Attacker(address, dev_pki, "caller-6", local)
+    torch.manual_seed(10)
+    images = torch.randn(16, *SHAPE)
+    logits = local.query(images).logits
+    ranked = logits.argsort(dim=1, descending=True)
+
+    def one_hot(classes: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(classes, 10).float()
+
+    # The attacker asks about the lowest class, which the top-3 truncation hides: the answer
+    # is the gradient of what it was answered for that class (the 3rd largest logit, / T),
+    # not the hidden logit's own gradient.
+    answer = attacker.input_grad(images, one_hot(ranked[:, -1]), 0.0)
+    hidden = local.input_grad(images, one_hot(ranked[:, -1]), 0.0)
+    answered = local.input_grad(images, one_hot(ranked[:, 2]), 0.0) / 4.0
+    torch.testing.assert_close(answer, answered, rtol=1e-4, atol=1e-6)
+    assert (answer - hidden / 4.0).abs().max() > 1e-3
+    # A visible class: the gradient of logits / temperature, not of the logits.
+    top = logits.argmax(dim=1)
+    cotangent = torch.nn.functional.one_hot(top, 10).float()
+    answer = attacker.input_grad(images, cotangent, 0.0)
+    raw = local.input_grad(images, cotangent, 0.0)
+    torch.testing.assert_close(answer, raw / 4.0, rtol=1e-4, atol=1e-6)
+
+
+def test_averaging_repeated_queries(attack_node, dev_pki) -> None:
+    """Exact repeats get the same noise; near-copies do average, and the budget pays for them.
+
+    This is the honest limit of output noise: n near-copies of an image cost n images of the
+    budget and divide the noise by about sqrt(n). Only the budget bounds it.
+    """
+    address, local = attack_node
+    attacker = _Attacker(address, dev_pki, "caller-7", local)
+    torch.manual_seed(11)
+    images = torch.randn(64, *SHAPE)
+    truth = local.query(images).logits
+    repeats = 16
+    same = torch.stack([attacker.logits(images) for _ in range(repeats)])
+    assert all(torch.equal(answer, same[0]) for answer in same)
+    single_error = (same[0] - truth).std().item()
+    assert (same.mean(0) - truth).std().item() == pytest.approx(single_error)
+    near = torch.stack(
+        [attacker.logits(images + 1e-5 * torch.randn_like(images)) for _ in range(repeats)]
+    )
+    averaged_error = (near.mean(0) - truth).std().item()
+    print(f"\naveraging: single {single_error:.3f}, 16 near-copies {averaged_error:.3f}")
+    assert averaged_error < 0.5 * single_error  # the limit, stated above
+    with RemoteTeacher(client_config(address, dev_pki, name="caller-7")) as remote:
+        assert remote.metadata.remaining_budget == 64 * 40 - 2 * repeats * 64
+    for _ in range(40 - 2 * repeats):
+        attacker.logits(images + 1e-5 * torch.randn_like(images))
+    assert _refused(lambda: attacker.logits(images)) == EXHAUSTED

@@ -79,11 +79,11 @@ def test_eight_callers_five_hundred_queries_each(inprocess_node, dev_pki, tmp_pa
 @pytest.mark.slow
 def test_budget_survives_kill_minus_9(digits_teachers, dev_pki, tmp_path: Path) -> None:
     pki = dev_pki["trusted"]
-    extra = (
+    policy = (
         f'[policy]\nbudget_file = "{tmp_path / "budget.json"}"\n'
         "[policy.callers.student]\nbudget_images = 1000\n"
     )
-    node = TeacherNodeProcess(digits_teachers.packages[0], tmp_path / "node", pki, extra=extra)
+    node = TeacherNodeProcess(digits_teachers.packages[0], tmp_path / "node", pki, policy=policy)
     node.start()
     answered = 0
     try:
@@ -93,7 +93,9 @@ def test_budget_survives_kill_minus_9(digits_teachers, dev_pki, tmp_path: Path) 
                 answered += 16
     finally:
         node.kill()  # SIGKILL: no chance to flush anything
-    restarted = TeacherNodeProcess(digits_teachers.packages[0], tmp_path / "node", pki, extra=extra)
+    restarted = TeacherNodeProcess(
+        digits_teachers.packages[0], tmp_path / "node", pki, policy=policy
+    )
     restarted.start()
     try:
         with RemoteTeacher(client_config(restarted.address, dev_pki)) as remote:

@@ -99,7 +99,11 @@ def test_plaintext_needs_an_explicit_choice(digits_teachers, tmp_path, caplog) -
     with pytest.raises(TeacherConfigError, match="mutual TLS needs cert, key and client_ca"):
         parse_teacher_config({"node": {"package": str(digits_teachers.packages[0])}})
     config = parse_teacher_config(
-        {"node": {"package": str(digits_teachers.packages[0])}, "tls": {"insecure": True}}
+        {
+            "node": {"package": str(digits_teachers.packages[0])},
+            "tls": {"insecure": True},
+            "policy": {"allow_any_trusted_caller": True},
+        }
     )
     server, port, _ = build_server(config)
     assert port > 0

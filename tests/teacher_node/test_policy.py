@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdfkd.teacher_node.errors import PermissionDenied, TeacherError
+from cdfkd.teacher_node.answers import KeyedNoise, perturb_logits
+from cdfkd.teacher_node.config import parse_teacher_config
+from cdfkd.teacher_node.errors import PermissionDenied, TeacherConfigError, TeacherError
 from cdfkd.teacher_node.policy import (
     MODE_OUTPUTS,
     BudgetExhausted,
@@ -20,8 +22,6 @@ from cdfkd.teacher_node.policy import (
     PolicyConfig,
     RateLimited,
     TokenBucket,
-    perturb_gradient,
-    perturb_logits,
 )
 
 DAY = 86_400.0
@@ -50,7 +50,7 @@ def test_modes_give_only_their_outputs() -> None:
 
 
 def test_allow_list() -> None:
-    open_node = Policy(PolicyConfig(), FakeClock(), torch.Generator())
+    open_node = Policy(PolicyConfig(allow_any_trusted_caller=True), FakeClock(), torch.Generator())
     assert open_node.rule("anyone") == CallerRule()
     listed = Policy(PolicyConfig(callers={"student": CallerRule()}), FakeClock(), torch.Generator())
     assert listed.rule("student").mode is Mode.FULL
@@ -123,7 +123,10 @@ def test_admit_refuses_without_counting(tmp_path: Path) -> None:
     clock = FakeClock()
     rule = CallerRule(budget_images=100, rate_images_per_s=10, burst_images=40)
     policy = Policy(
-        PolicyConfig(callers={"a": rule}, budget_file=tmp_path / "b.json"), clock, torch.Generator()
+        PolicyConfig(callers={"a": rule}, budget_file=tmp_path / "b.json"),
+        clock,
+        torch.Generator(),
+        monotonic=clock,
     )
     policy.admit("a", rule, 40)
     with pytest.raises(RateLimited):
@@ -139,20 +142,119 @@ def test_admit_refuses_without_counting(tmp_path: Path) -> None:
     assert policy.remaining("a", rule) == 0
 
 
-def test_perturbation_is_deterministic_given_the_generator() -> None:
+def test_perturbation_is_deterministic_given_the_noise() -> None:
     logits = torch.tensor([[4.0, 2.0, 1.0, -1.0], [0.0, 3.0, 1.0, 2.0]])
-    scaled = perturb_logits(logits, Perturbation(temperature=2.0), torch.Generator())
+    scaled = perturb_logits(logits, Perturbation(temperature=2.0))
     assert torch.equal(scaled, logits / 2)
-    truncated = perturb_logits(logits, Perturbation(top_k=2), torch.Generator())
+    truncated = perturb_logits(logits, Perturbation(top_k=2))
     assert torch.equal(truncated, torch.tensor([[4.0, 2.0, 2.0, 2.0], [2.0, 3.0, 2.0, 2.0]]))
-    noisy = perturb_logits(logits, Perturbation(logits_sigma=0.5), torch.Generator().manual_seed(1))
-    again = perturb_logits(logits, Perturbation(logits_sigma=0.5), torch.Generator().manual_seed(1))
+    noise = KeyedNoise(b"secret")
+    keys = [b"row-0", b"row-1"]
+    noisy = perturb_logits(
+        logits, Perturbation(logits_sigma=0.5), noise.normal(keys, (4,), torch.float32)
+    )
+    again = perturb_logits(
+        logits, Perturbation(logits_sigma=0.5), noise.normal(keys, (4,), torch.float32)
+    )
     assert torch.equal(noisy, again)
     assert not torch.equal(noisy, logits)
-    big = torch.zeros(2000, 10)
-    sample = perturb_logits(big, Perturbation(logits_sigma=0.5), torch.Generator().manual_seed(2))
+    other = KeyedNoise(b"another secret").normal(keys, (4,), torch.float32)
+    assert not torch.equal(other, noise.normal(keys, (4,), torch.float32))
+    many = noise.normal([str(i).encode() for i in range(2000)], (10,), torch.float32)
+    sample = perturb_logits(torch.zeros(2000, 10), Perturbation(logits_sigma=0.5), many)
     assert sample.std().item() == pytest.approx(0.5, rel=0.05)
-    gradient = torch.zeros(100, 1, 8, 8)
-    assert torch.equal(perturb_gradient(gradient, Perturbation(), torch.Generator()), gradient)
-    noisy_gradient = perturb_gradient(gradient, Perturbation(gradient_sigma=0.1), torch.Generator())
-    assert noisy_gradient.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def _config(policy: dict) -> dict:
+    return {"node": {"package": "p"}, "tls": {"insecure": True}, "policy": policy}
+
+
+def test_a_node_with_no_caller_rules_refuses_to_start_unless_told() -> None:
+    for policy in ({}, {"budget_file": "b.json"}):
+        with pytest.raises(TeacherConfigError, match=r"'policy'.*no \[policy.callers.NAME\]"):
+            parse_teacher_config(_config(policy))
+    with pytest.raises(TeacherConfigError, match="allow_any_trusted_caller"):
+        parse_teacher_config({"node": {"package": "p"}, "tls": {"insecure": True}})
+    config = parse_teacher_config(_config({"allow_any_trusted_caller": True}))
+    assert config.policy.allow_any_trusted_caller
+    assert parse_teacher_config(_config({"callers": {"student": {}}})).policy.callers
+
+
+def test_budgets_without_a_budget_file_refuse_to_start() -> None:
+    for rule in ({"budget_images": 10}, {"budget_images_per_day": 10}):
+        with pytest.raises(TeacherConfigError, match="no budget_file"):
+            parse_teacher_config(_config({"callers": {"student": rule}}))
+    rates_only = {"callers": {"student": {"rate_images_per_s": 5}}}
+    assert parse_teacher_config(_config(rates_only)).policy.budget_file is None
+    budgeted = {"callers": {"student": {"budget_images": 10}}, "budget_file": "b.json"}
+    assert parse_teacher_config(_config(budgeted), base=Path("/srv")).policy.budget_file == Path(
+        "/srv/b.json"
+    )
+
+
+def test_rates_follow_the_monotonic_clock_not_the_wall_clock(tmp_path: Path) -> None:
+    wall, monotonic = FakeClock(), FakeClock(100.0)
+    rule = CallerRule(rate_images_per_s=10, burst_images=10)
+    policy = Policy(PolicyConfig(callers={"a": rule}), wall, torch.Generator(), monotonic)
+    policy.admit("a", rule, 10)
+    wall.now += 3600  # the wall clock jumps (NTP, an operator): no refill
+    with pytest.raises(RateLimited, match="retry after 1.00 s"):
+        policy.admit("a", rule, 10)
+    wall.now -= 7200  # and back: no stall either
+    monotonic.now += 1.0
+    policy.admit("a", rule, 10)
+
+
+def test_a_budget_refusal_takes_no_rate_tokens_even_after_a_concurrent_charge(
+    tmp_path: Path,
+) -> None:
+    rule = CallerRule(budget_images=100, rate_images_per_s=10, burst_images=50)
+    wall = FakeClock()
+    concurrent: list[int] = []
+
+    def monotonic() -> float:
+        # Between this request's budget check and its charge (the bucket reads the clock),
+        # a concurrent request of the same caller uses the budget up.
+        if concurrent:
+            policy.ledger.charge("a", concurrent.pop(), rule)
+        return 0.0
+
+    policy = Policy(
+        PolicyConfig(callers={"a": rule}, budget_file=tmp_path / "b.json"),
+        wall,
+        torch.Generator(),
+        monotonic,
+    )
+    policy.admit("a", rule, 10)
+    assert policy.tokens("a") == 40
+    concurrent.append(85)
+    with pytest.raises(BudgetExhausted, match="95 of 100"):
+        policy.admit("a", rule, 10)
+    assert policy.ledger.used("a") == (95, 95)
+    assert policy.tokens("a") == 40  # the refused request's tokens are back
+
+
+def test_the_budget_file_folder_is_fsynced_after_the_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import stat
+
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        mode = os.fstat(descriptor).st_mode
+        events.append(("fsync-dir" if stat.S_ISDIR(mode) else "fsync-file", descriptor))
+        real_fsync(descriptor)
+
+    def replace(source, target) -> None:  # noqa: ANN001 - os.replace's signature
+        events.append(("replace", Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    BudgetLedger(tmp_path / "budget.json", FakeClock()).charge("a", 1, CallerRule())
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync-file", "replace", "fsync-dir"], events
+    assert events[1][1] == tmp_path / "budget.json"

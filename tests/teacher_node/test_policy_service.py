@@ -32,6 +32,11 @@ POLICY = {
 }
 
 
+def _policy(tmp_path: Path) -> dict:
+    """POLICY with a budget file (budgets in memory refill on restart: refused)."""
+    return {**POLICY, "budget_file": str(tmp_path / "budget.json")}
+
+
 def _stub(address: str, pki, name: str = ""):
     channel = open_channel(client_config(address, pki, name=name))
     return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
@@ -42,7 +47,9 @@ def _query(batch: int, **flags: bool) -> teacher_pb2.QueryRequest:
 
 
 def test_modes_are_stated_up_front_and_enforced(inprocess_node, dev_pki, tmp_path: Path) -> None:
-    address = inprocess_node(policy=POLICY, audit={"path": str(tmp_path / "audit.jsonl")})
+    address = inprocess_node(
+        policy=_policy(tmp_path), audit={"path": str(tmp_path / "audit.jsonl")}
+    )
     with RemoteTeacher(client_config(address, dev_pki, name="caller-0")) as black_box:
         assert black_box.metadata.mode == "logits_only"
         assert list(black_box.metadata.allowed_outputs) == ["logits"]
@@ -93,9 +100,11 @@ def test_budget_is_exact_and_says_what_was_used(inprocess_node, dev_pki, tmp_pat
         assert again.metadata.remaining_budget == 0
 
 
-def test_rate_limit_gives_a_retry_hint_and_the_student_backs_off(inprocess_node, dev_pki) -> None:
+def test_rate_limit_gives_a_retry_hint_and_the_student_backs_off(
+    inprocess_node, dev_pki, tmp_path: Path
+) -> None:
     clock = FakeClock()
-    address = inprocess_node(policy=POLICY, clock=clock)
+    address = inprocess_node(policy=_policy(tmp_path), monotonic=clock)
     channel, stub = _stub(address, dev_pki, "caller-3")
     stub.Query(_query(64), timeout=10)
     with pytest.raises(grpc.RpcError) as raised:
@@ -118,13 +127,14 @@ def test_rate_limit_gives_a_retry_hint_and_the_student_backs_off(inprocess_node,
     assert all(w == pytest.approx(3.2, abs=0.01) for w in waits)
 
 
-def test_output_noise(inprocess_node, dev_pki, digits_teachers) -> None:
-    address = inprocess_node(policy=POLICY)
+def test_output_noise(inprocess_node, dev_pki, digits_teachers, tmp_path: Path) -> None:
+    address = inprocess_node(policy=_policy(tmp_path))
     local = InProcessTeacher.from_package(digits_teachers.packages[0])
     images = torch.randn(256, *SHAPE)
     clean = local.query(images).logits
     with RemoteTeacher(client_config(address, dev_pki, name="caller-4")) as noisy:
-        answered = noisy.query(images).logits
+        assert noisy.info().allowed_outputs == {"logits"}  # the rest would undo the noise
+        answered = noisy.query(images, features=False, bn_loss=False).logits
     with RemoteTeacher(client_config(address, dev_pki)) as exact:
         assert torch.equal(exact.query(images).logits, clean)
     assert (answered - clean).std().item() == pytest.approx(1.0, rel=0.1)
