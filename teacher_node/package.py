@@ -39,8 +39,23 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "teacher.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 2
+#: Built-in packages keep format 1 (their new fields follow from ``spec``), so that earlier
+#: cdfkd versions (a Ray cluster not yet upgraded, a cached demo) still read them.
+BUILTIN_FORMAT_VERSION = 1
 #: Formats this cdfkd reads: 1 (built-in architectures only) and 2.
 READABLE_FORMATS = (1, 2)
+#: What format 1 does not hold.
+_FORMAT_2_FIELDS = frozenset(
+    {
+        "factory",
+        "input_shape",
+        "num_classes",
+        "feature_layer",
+        "feature_from_input",
+        "has_batchnorm",
+        "eval_data",
+    }
+)
 
 
 class TeacherMetadata(BaseModel):
@@ -128,6 +143,7 @@ def save_package(
     directory = Path(directory)
     weights = write_weights(directory, model)
     metadata = TeacherMetadata(
+        format_version=BUILTIN_FORMAT_VERSION,
         name=name,
         spec=spec,
         input_shape=spec.input_shape,
@@ -162,9 +178,11 @@ def weights_digest(path: Path) -> str:
 def write_metadata(directory: Path, metadata: TeacherMetadata) -> None:
     """Write ``teacher.json`` (atomic)."""
     target = Path(directory) / METADATA_FILE
-    target.with_suffix(".tmp").write_text(
-        metadata.model_dump_json(indent=2, exclude_none=True) + "\n"
-    )
+    if metadata.format_version == 1:
+        text = metadata.model_dump_json(indent=2, exclude=set(_FORMAT_2_FIELDS))
+    else:
+        text = metadata.model_dump_json(indent=2, exclude_none=True)
+    target.with_suffix(".tmp").write_text(text + "\n")
     os.replace(target.with_suffix(".tmp"), target)
 
 

@@ -288,12 +288,9 @@ def test_format_1_packages_still_load(tmp_path: Path) -> None:
         train_samples=None,
     )
     raw = json.loads((tmp_path / METADATA_FILE).read_text())
-    assert raw["format_version"] == 2
-    # What a package cached by an earlier cdfkd (format 1) holds: no shape or class fields.
-    format_1 = {
-        k: v for k, v in raw.items() if k not in {"input_shape", "num_classes", "has_batchnorm"}
-    }
-    (tmp_path / METADATA_FILE).write_text(json.dumps({**format_1, "format_version": 1}))
+    # Built-in packages stay in format 1, readable by earlier versions: only spec-based keys.
+    assert raw["format_version"] == 1
+    assert {"input_shape", "num_classes", "has_batchnorm", "factory"}.isdisjoint(raw)
     metadata, model = load_package(tmp_path)
     assert (metadata.format_version, metadata.input_shape, metadata.num_classes) == (
         1,
