@@ -127,7 +127,9 @@ def _cmd_teacher_package(args: argparse.Namespace) -> int:
         ),
         feature_layer=args.feature_layer,
     )
-    eval_data, description = read_eval_data(args.eval_data) if args.eval_data else (None, None)
+    eval_data, description = (
+        read_eval_data(args.eval_data, args.num_classes) if args.eval_data else (None, None)
+    )
     metadata = package_owner_model(spec, Path(args.out), eval_data, description)
     print(
         json.dumps(

@@ -17,12 +17,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cdfkd.teacher_node.datasets import ImageDataset, Normalization
 from cdfkd.teacher_node.engine import MAX_IMAGE_SIDE, TeacherEngine
-from cdfkd.teacher_node.errors import DatasetError, InvalidInput, PackageError
+from cdfkd.teacher_node.errors import InvalidInput, PackageError
 from cdfkd.teacher_node.metrics import accuracy, batched
 from cdfkd.teacher_node.owner_model import (
     FactoryRef,
@@ -136,52 +135,23 @@ def dry_run(classifier: FeatureTap, spec: OwnerModelSpec) -> TeacherEngine:
     return engine
 
 
-def read_eval_data(source: str) -> tuple[ImageDataset, str]:
-    """The labelled test images of ``--eval-data``: a dataset name or an ``.npz`` file.
+def read_eval_data(source: str, num_classes: int | None = None) -> tuple[ImageDataset, str]:
+    """The labelled test images of ``--eval-data``: a dataset name, an image folder or ``.npz``.
 
-    The one place ``--eval-data`` is read. An ``.npz`` holds ``images`` (uint8 N,H,W,C or
-    float N,C,H,W in [0, 1]) and ``labels`` (integers), read without pickle.
+    Read by the same readers as every other real data (``teacher_node/data_sources.py``): the
+    test split of a dataset or of files with ``train``/``test`` splits, else the one set.
 
     Returns:
         The images in [0, 1] and a description for ``teacher.json``.
 
     Raises:
-        DatasetError: the source cannot be read.
+        DatasetError: the source cannot be read (the message names the file).
     """
-    # TODO(issue 16, data side): image folders and the shared .npz reader of
-    # teacher_node/datasets.py go here once they exist.
-    from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset
+    from cdfkd.teacher_node.data_sources import describe_source, load_labelled_images
+    from cdfkd.teacher_node.datasets import Split
 
-    if source in {name.value for name in DatasetName}:
-        return load_dataset(DatasetName(source), Split.TEST), f"{source} (test split)"
-    path = Path(source)
-    if path.suffix != ".npz":
-        raise DatasetError(
-            f"--eval-data {source}: give a dataset name ({', '.join(n.value for n in DatasetName)})"
-            " or an .npz file with 'images' and 'labels'"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            raw_images, raw_labels = archive["images"], archive["labels"]
-    except (OSError, KeyError, ValueError) as error:
-        raise DatasetError(f"--eval-data {path}: {error}") from error
-    if raw_images.dtype == np.uint8 and raw_images.ndim == 4:
-        images = torch.from_numpy(raw_images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-    elif np.issubdtype(raw_images.dtype, np.floating) and raw_images.ndim == 4:
-        images = torch.from_numpy(raw_images.astype(np.float32))
-    else:
-        raise DatasetError(
-            f"--eval-data {path}: images must be uint8 (N, H, W, C) or float (N, C, H, W), got "
-            f"{raw_images.dtype} {raw_images.shape}"
-        )
-    if (
-        raw_labels.ndim != 1
-        or len(raw_labels) != len(images)
-        or not np.issubdtype(raw_labels.dtype, np.integer)
-    ):
-        raise DatasetError(f"--eval-data {path}: labels must be N integers")
-    labels = torch.from_numpy(raw_labels.astype(np.int64))
-    return ImageDataset(images.contiguous(), labels, int(labels.max()) + 1), str(path)
+    data = load_labelled_images(source, Split.TEST, num_classes=num_classes)
+    return data, describe_source(source)
 
 
 def evaluate_accuracy(classifier: FeatureTap, data: ImageDataset, spec: OwnerModelSpec) -> float:

@@ -148,6 +148,56 @@ def test_eval_data_npz_records_the_accuracy(tmp_path: Path, bn_weights: Path) ->
     assert metadata.test_accuracy == pytest.approx(measured)
 
 
+def test_eval_data_image_folder_records_the_accuracy(
+    tmp_path: Path, bn_weights: Path, capsys
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "owner-test"
+    pixels, labels = [], []
+    for label, name in enumerate(("circle", "square", "star", "triangle")):
+        (folder / name).mkdir(parents=True)
+        for index in range(5):
+            array = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)  # resized to 20x20 inside
+            Image.fromarray(array).save(folder / name / f"{index}.png")
+            pixels.append(torch.from_numpy(array.astype(np.float32) / 255).permute(2, 0, 1))
+            labels.append(label)
+    out = tmp_path / "package"
+    assert (
+        _package(out, "tests.owner_models:small_bn_net", bn_weights, "--eval-data", str(folder))
+        == 0
+    )
+    metadata = read_metadata(out)
+    assert metadata.eval_data == str(folder)
+    _, classifier = load_package(out)
+    images = torch.stack(pixels)
+    with torch.no_grad():
+        logits = classifier(to_model_input(images, (3, 20, 20), metadata.normalization)).logits
+    measured = float((logits.argmax(1) == torch.tensor(labels)).float().mean())
+    assert metadata.test_accuracy == pytest.approx(measured)
+
+    # A folder with more classes than the model has is refused, naming it (exit 2).
+    for extra in ("a", "b", "c"):
+        (folder / extra).mkdir()
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+            folder / extra / "0.png"
+        )
+    capsys.readouterr()
+    code = _package(
+        tmp_path / "refused",
+        "tests.owner_models:small_bn_net",
+        bn_weights,
+        "--eval-data",
+        str(folder),
+    )
+    captured = capsys.readouterr()
+    assert code == 2
+    assert str(folder) in captured.err
+    assert "Traceback" not in captured.err
+
+
 def test_feature_tap_leaves_no_hook_behind(bn_weights: Path) -> None:
     model = owner_models.small_bn_net()
     tap = FeatureTap(model, "7")  # the AdaptiveAvgPool2d output, pooled and flattened
