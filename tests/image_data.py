@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw
 
 #: Class folder names; sorted, they give labels circle 0, cross 1, square 2.
 SHAPES = ("circle", "cross", "square")
+#: Four classes, for models of four classes (sorted: circle, cross, square, triangle).
+FOUR_SHAPES = (*SHAPES, "triangle")
 
 
 def draw_shape(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
@@ -26,6 +28,10 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
             draw.ellipse(box, fill=colour)
         case "square":
             draw.rectangle(box, fill=colour)
+        case "triangle":
+            draw.polygon(
+                ((box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])), fill=colour
+            )
         case "cross":
             width = max(2, extent // 4)
             draw.line((box[0], box[1], box[2], box[3]), fill=colour, width=width)
@@ -34,11 +40,16 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def write_shape_folder(
-    root: Path, per_class: int, size: int = 32, seed: int = 0, suffix: str = ".png"
+    root: Path,
+    per_class: int,
+    size: int = 32,
+    seed: int = 0,
+    suffix: str = ".png",
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Path:
-    """``root/<shape>/<i>.png``: ``per_class`` drawn images of every shape in ``SHAPES``."""
+    """``root/<shape>/<i>.png``: ``per_class`` drawn images of every shape in ``shapes``."""
     rng = np.random.default_rng(seed)
-    for shape in SHAPES:
+    for shape in shapes:
         folder = root / shape
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(per_class):
@@ -47,11 +58,16 @@ def write_shape_folder(
 
 
 def write_shape_splits(
-    root: Path, train_per_class: int, test_per_class: int, size: int = 32, seed: int = 0
+    root: Path,
+    train_per_class: int,
+    test_per_class: int,
+    size: int = 32,
+    seed: int = 0,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Path:
     """``root/train/<shape>/`` and ``root/test/<shape>/`` image folders."""
-    write_shape_folder(root / "train", train_per_class, size, seed)
-    write_shape_folder(root / "test", test_per_class, size, seed + 1000)
+    write_shape_folder(root / "train", train_per_class, size, seed, shapes=shapes)
+    write_shape_folder(root / "test", test_per_class, size, seed + 1000, shapes=shapes)
     return root
 
 

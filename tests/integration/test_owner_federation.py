@@ -33,7 +33,7 @@ from cdfkd.student_node.trainer import init_state, train
 from cdfkd.teacher_node.server import build_server
 from tests import owner_models
 from tests.conftest import client_config, node_config
-from tests.helpers import write_toml
+from tests.helpers import small_run, write_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -214,9 +214,8 @@ def _small_train() -> TrainConfig:
 def test_training_is_identical_in_process_and_over_the_wire(
     owner_packages, owner_nodes, dev_pki, tmp_path: Path
 ) -> None:
-    # TODO(issue 16, lead): once runs without a [data] table land, run this through
-    # `cdfkd train --config run.toml` (no [data]) instead of the trainer API: today a run
-    # config needs a named dataset, and none has these teachers' three channels.
+    # The trainer API on both sides, so the two runs compare weight for weight; `cdfkd train`
+    # against these nodes is the next test.
     local = [InProcessTeacher.from_package(p) for p in owner_packages]
     remote = [RemoteTeacher(client_config(a, dev_pki)) for a in owner_nodes]
     try:
@@ -265,6 +264,41 @@ def test_training_is_identical_in_process_and_over_the_wire(
     finally:
         for teacher in remote:
             teacher.close()
+
+
+def test_cdfkd_train_against_the_owners_nodes_without_data_and_with_their_images(
+    owner_nodes: list[str], dev_pki, tmp_path: Path, capsys
+) -> None:
+    """`cdfkd train` over mutual TLS: once data-free (no [data]), once with an image folder."""
+    from tests.image_data import FOUR_SHAPES, write_shape_splits
+
+    entries = [
+        client_config(a, dev_pki).model_dump(mode="json", exclude_none=True) for a in owner_nodes
+    ]
+    train = {"epochs": 1, "iterations_per_epoch": 2, "attention": {"samples": 8, "epochs": 5}}
+    data_free = small_run(entries, train, eval_every=2)
+    del data_free["data"]
+    out = tmp_path / "data-free"
+    capsys.readouterr()
+    config = write_toml(tmp_path / "data-free.toml", data_free)
+    assert main(["train", "--config", str(config), "--out", str(out), "--in-process"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["iterations"] == 2
+    assert summary["data"] is None
+    assert summary["student_accuracy_mean"] is None  # no real image was read
+    assert student_image_space(out / "student").image_shape == (3, 32, 32)
+
+    # The same nodes, with labelled RGB images of 24x24 as [data] (resized to the run's 32x32).
+    shapes = write_shape_splits(tmp_path / "shapes", 6, 5, size=24, seed=3, shapes=FOUR_SHAPES)
+    with_files = small_run(entries, train, eval_every=2)
+    with_files["data"] = {"files": str(shapes), "eval_samples": 20}
+    out = tmp_path / "with-files"
+    config = write_toml(tmp_path / "with-files.toml", with_files)
+    assert main(["train", "--config", str(config), "--out", str(out), "--in-process"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["data"] == str(shapes)
+    assert 0.0 <= summary["student_accuracy_mean"] <= 1.0
+    assert len(summary["teacher_accuracies"]) == 3
 
 
 def _package_one_channel(out: Path, weights_dir: Path, num_classes: int) -> Path:
@@ -316,7 +350,6 @@ def test_cdfkd_train_bridges_sizes_and_normalizations(tmp_path: Path, capsys) ->
     from cdfkd.teacher_node.datasets import Normalization
     from cdfkd.teacher_node.package import save_package
     from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
-    from tests.helpers import small_run
 
     # Untrained weights: the test is about shapes, spaces and the run, not accuracy.
     spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=10)
