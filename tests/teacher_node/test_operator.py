@@ -163,14 +163,16 @@ def test_the_message_limit_follows_max_batch_and_the_input_shape(node, dev_pki) 
     with RemoteTeacher(client_config(address, dev_pki)) as remote:
         info = remote.info()
         limit = remote.metadata.max_message_bytes
-        images = 64 * (16 * 16 + 10)  # an InputGrad request of max_batch: images + cotangent
+        side = remote.metadata.max_image_side  # the largest query image the node accepts
+        assert side == 2 * max(SHAPE[1:])  # the default: twice the teacher's own side
+        images = 64 * (SHAPE[0] * side * side + 10)  # an InputGrad request of max_batch
         outputs = 64 * (10 + info.feature_dim)  # a Query reply: logits + features
         assert limit == max(images, outputs) * 4 + MESSAGE_OVERHEAD_BYTES
         assert limit < 1024 * 1024  # not the old fixed 64 MiB
         gradient = remote.input_grad(torch.randn(64, *SHAPE), torch.randn(64, 10), 0.1)
         assert gradient.shape == (64, *SHAPE)  # the largest batch fits
     channel = open_channel(client_config(address, dev_pki))
-    oversized = teacher_pb2.QueryRequest(images=encode(torch.randn(200, *SHAPE)))
+    oversized = teacher_pb2.QueryRequest(images=encode(torch.randn(400, SHAPE[0], side, side)))
     assert oversized.ByteSize() > limit
     with pytest.raises(grpc.RpcError) as refused:
         teacher_pb2_grpc.TeacherServiceStub(channel).Query(oversized, timeout=30)
@@ -185,6 +187,7 @@ def test_metrics_settings_are_validated(digits_teachers, dev_pki, tmp_path: Path
             dev_pki,
             tmp_path,
             metrics={"health_address": "0.0.0.0:8081"},
+            policy={"callers": {"student": {}}},
         )
     with pytest.raises(TeacherConfigError, match="max_in_flight_per_caller"):
         node_config(
@@ -193,12 +196,14 @@ def test_metrics_settings_are_validated(digits_teachers, dev_pki, tmp_path: Path
             tmp_path,
             node={"workers": 2},
             limits={"max_in_flight_per_caller": 3},
+            policy={"callers": {"student": {}}},
         )
     assert (
         parse_teacher_config(
             {
                 "node": {"package": "p"},
                 "tls": {"insecure": True},
+                "policy": {"allow_any_trusted_caller": True},
                 "metrics": {"address": "[::]:9100"},
             }
         ).metrics.address
