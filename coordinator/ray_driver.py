@@ -9,10 +9,12 @@ process dies: the retried run resumes from the latest checkpoint, so nothing is 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,14 @@ def connect(address: str | None, num_cpus: float | None = None) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class WorkerStarted:
+    """Sent by the training worker when a ``run`` begins: the driver counts restarts."""
+
+    pid: int
+    restarted: bool
+
+
 class _QueueReporter:
     """Worker-side callback: every iteration's metrics go to the driver's queue."""
 
@@ -83,6 +93,8 @@ class TrainingWorker:
     def run(self, config_json: str, out: str, resume: bool, queue: Queue) -> dict[str, Any]:
         """Train; a retried call (after a restart) resumes from the latest checkpoint."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        queue.put(WorkerStarted(pid=os.getpid(), restarted=restarted))
         config = RunConfig.model_validate_json(config_json)
         directory = Path(out)
         resume = resume or latest_checkpoint(directory / CHECKPOINT_DIR) is not None
@@ -125,7 +137,8 @@ def train_on_ray(
         on_worker: Called with the actor handle once it runs (tests inject faults this way).
 
     Returns:
-        The run summary (as ``result.json``).
+        The run summary (as ``result.json``), plus ``worker_restarts``: how many times Ray
+        restarted the worker after its process died, as the driver saw it.
     """
     out = Path(out).resolve()
     prepare_output(out, resume)
@@ -143,31 +156,42 @@ def train_on_ray(
         if on_worker is not None:
             on_worker(worker)
         reporter = ProgressReporter(config.train.total_iterations, 0, config.run.log_every)
+        starts: list[WorkerStarted] = []
         stop_sent = False
         try:
             while True:
                 done, _ = ray.wait([future], timeout=0.5)
-                _drain(queue, reporter)
+                _drain(queue, reporter, starts)
                 if stop_event is not None and stop_event.is_set() and not stop_sent:
                     worker.request_stop.remote()
                     stop_sent = True
                 if done:
                     break
             summary = ray.get(future)
-            _drain(queue, reporter)
+            _drain(queue, reporter, starts)
         finally:
             reporter.close()
         ray.kill(worker)
+        restarts = sum(start.restarted for start in starts)
+        if restarts:
+            logger.warning("the training worker was restarted %d time(s) and resumed", restarts)
+        summary = {**summary, "worker_restarts": restarts}
+        result_file = out / "result.json"
+        if result_file.exists():  # the worker wrote it; the restarts are the driver's to add
+            result_file.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         if owned:
             ray.shutdown()
 
 
-def _drain(queue: Queue, reporter: ProgressReporter) -> None:
+def _drain(queue: Queue, reporter: ProgressReporter, starts: list[WorkerStarted]) -> None:
     while True:
         try:
-            metrics = queue.get_nowait()
+            item = queue.get_nowait()
         except Empty:
             return
-        reporter(None, metrics)  # type: ignore[arg-type]
+        if isinstance(item, WorkerStarted):
+            starts.append(item)
+        else:
+            reporter(None, item)  # type: ignore[arg-type]

@@ -126,6 +126,7 @@ class RunResult:
             "student_parameters": self.student_parameters,
             "attention_samples": self.attention_samples,
             "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
+            "rpc_retries": sum(t["retries"] for t in self.teacher_traffic),
             "wire_bytes": sum(t["bytes_sent"] + t["bytes_received"] for t in self.teacher_traffic),
             "teacher_traffic": self.teacher_traffic,
         }
@@ -404,6 +405,7 @@ def _distill(
             {
                 "address": t.config.address,
                 "rpc_calls": t.calls,
+                "retries": t.retries,
                 "bytes_sent": t.bytes_sent,
                 "bytes_received": t.bytes_received,
             }

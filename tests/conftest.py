@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,70 @@ from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
 torch.set_num_threads(2)
 # Ray must never report usage statistics over the network from tests.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+#: Programs whose start makes a test slow (a node, a training run, Ray, Flower).
+_HEAVY_PROGRAMS = ("cdfkd", "ray", "flwr", "flower-superlink", "flower-supernode")
+
+
+def _heavy_command(args: object) -> bool:
+    """Whether a command line starts a node, the CLI, Ray or Flower (``python -m cdfkd...``)."""
+    words = [str(a) for a in args] if isinstance(args, list | tuple) else str(args).split()
+    if not words:
+        return False
+    if os.path.basename(words[0]) in _HEAVY_PROGRAMS:
+        return True
+    modules = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]
+    return any(m.split(".")[0] in ("cdfkd", "ray", "flwr") for m in modules)
+
+
+@contextlib.contextmanager
+def _refuse_heavy_work(item: pytest.Item) -> Iterator[None]:
+    """Fail ``item`` if it (or a fixture it sets up) starts Ray, a process or a training run.
+
+    ``python -m pytest -m "not slow"`` is the edit loop (README); it stays fast only if every
+    heavy test says ``@pytest.mark.slow``. Flower's simulation starts Ray, so ``ray.init``
+    covers it; node processes and ``cdfkd`` subprocesses go through ``subprocess.Popen``.
+    """
+
+    def refuse(what: str) -> None:
+        pytest.fail(f"{item.nodeid} starts {what} but is not marked slow (@pytest.mark.slow)")
+
+    original_popen_init = subprocess.Popen.__init__
+
+    def popen_init(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        if _heavy_command(args):
+            refuse(f"the process {args!r}")
+        original_popen_init(self, args, *rest, **kwargs)  # type: ignore[arg-type,call-overload]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", popen_init)
+        for module_name, attribute in (
+            ("ray", "init"),
+            ("cdfkd.coordinator.training_run", "_distill"),
+        ):
+            module = importlib.import_module(module_name)
+            what = f"{module_name}.{attribute}"
+            patch.setattr(module, attribute, lambda *a, _what=what, **k: refuse(_what))
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Guard the set-up of a test not marked slow (module and session fixtures included)."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    with _refuse_heavy_work(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Guard the body of a test not marked slow."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    with _refuse_heavy_work(item):
+        return (yield)
 
 
 @dataclass(frozen=True)

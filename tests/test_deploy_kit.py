@@ -192,6 +192,7 @@ sys.exit(main(["teacher", "serve", "--config", sys.argv[1]]))
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_node_serves_with_only_what_the_image_installs(kit_node) -> None:
     from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig
 
@@ -269,6 +270,7 @@ def _probe_arguments(address: str, pki, *more: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_the_health_probe_answers_like_grpc_health_probe(kit_node, health_node, capsys) -> None:
 
     address, health = health_node
@@ -291,6 +293,7 @@ def test_the_health_probe_answers_like_grpc_health_probe(kit_node, health_node, 
     assert "NOT_SERVING" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_container_health_check_needs_no_arguments(kit_node, health_node) -> None:
     address, _ = health_node
     folder = kit_node["pki"].client.cert.parent

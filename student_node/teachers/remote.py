@@ -147,6 +147,8 @@ class RemoteTeacher:
         config: Address, TLS files, deadline, retries and wire dtype.
         channel: An existing channel (tests); by default one is opened from ``config``.
         sleep: Injected for tests of the backoff.
+        clock: Monotonic seconds, injected with ``sleep`` so tests of the outage timeout run
+            on a fake clock.
     """
 
     def __init__(
@@ -154,12 +156,16 @@ class RemoteTeacher:
         config: RemoteTeacherConfig,
         channel: grpc.Channel | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._channel = channel or open_channel(config)
         self._stub = teacher_pb2_grpc.TeacherServiceStub(self._channel)
         self._sleep = sleep
+        self._clock = clock
         self.calls = 0
+        #: Failed calls that were retried: the outages (and rate limits) this run lived through.
+        self.retries = 0
         #: Serialized protobuf bytes sent and received, each message with gRPC's 5-byte prefix
         #: (HTTP/2 framing and TLS records come on top; bench/remote.py measures them).
         self.bytes_sent = 0
@@ -279,7 +285,7 @@ class RemoteTeacher:
             try:
                 reply = function(request, timeout=self.config.deadline_s, metadata=metadata)
             except grpc.RpcError as error:
-                now = time.monotonic()
+                now = self._clock()
                 first_failure = now if first_failure is None else first_failure
                 attempt += 1
                 hint = _retry_hint(error)
@@ -298,6 +304,7 @@ class RemoteTeacher:
                     now - first_failure,
                     wait,
                 )
+                self.retries += 1
                 self._sleep(wait)
                 if hint is None:
                     delay = min(self.config.max_backoff_s, delay * 2)
@@ -306,7 +313,7 @@ class RemoteTeacher:
                 logger.warning(
                     "teacher node %s answers again after %.1f s",
                     self.config.address,
-                    time.monotonic() - first_failure,
+                    self._clock() - first_failure,
                 )
             self.bytes_received += reply.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             return reply

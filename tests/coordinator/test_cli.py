@@ -80,6 +80,7 @@ def write_run_config(path: Path, packages: list[Path], **train: object) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_train_writes_every_output_then_resume_and_evaluate(
     digits_teachers, tmp_path: Path, capsys
 ) -> None:
@@ -138,6 +139,7 @@ def test_train_writes_every_output_then_resume_and_evaluate(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_diverging_run_stops_with_a_clear_error_and_a_good_checkpoint(
     digits_teachers, tmp_path: Path, caplog
 ) -> None:
@@ -171,6 +173,7 @@ def test_diverging_run_stops_with_a_clear_error_and_a_good_checkpoint(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_130(digits_teachers, tmp_path: Path) -> None:
     config = write_run_config(tmp_path / "run.toml", digits_teachers.packages, epochs=10000)
     out = tmp_path / "out"

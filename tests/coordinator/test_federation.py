@@ -30,6 +30,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_good_federation_passes(node_processes, dev_pki, tmp_path: Path, capsys) -> None:
     trusted = dev_pki["trusted"]
     nodes = [node_processes(i) for i in range(3)]
@@ -45,6 +46,7 @@ def test_a_good_federation_passes(node_processes, dev_pki, tmp_path: Path, capsy
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_each_failing_node_is_named_with_its_reason(
     node_processes, dev_pki, digits_teachers, tmp_path: Path, capsys, caplog
 ) -> None:

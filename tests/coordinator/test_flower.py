@@ -102,6 +102,7 @@ def test_settings_round_trip_and_name_bad_keys(tmp_path: Path) -> None:
     assert merged == {"rounds": 3, "student-dir": "/b"}  # a node sets its paths, not the run
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_missing_student_and_a_deployment_without_pki(
     digits_student: Path, tmp_path: Path
 ) -> None:

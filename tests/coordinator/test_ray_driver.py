@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from cdfkd.student_node.checkpoint import list_checkpoints
 from tests.helpers import packages as package_entries
 from tests.helpers import small_run
 
-pytestmark = [pytest.mark.ray, pytest.mark.integration]
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 
 
 def ray_config(packages: list[Path], epochs: int = 3, **run: object):
@@ -42,6 +43,7 @@ def test_ray_worker_computes_exactly_what_the_driver_would(digits_teachers, tmp_
     config = ray_config(digits_teachers.packages)
     summary = train_on_ray(config, tmp_path / "ray")
     assert summary["iterations"] == 9
+    assert summary["worker_restarts"] == 0
     run_training(config, tmp_path / "local")
     assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))
     records = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
@@ -71,6 +73,9 @@ def test_a_killed_worker_is_restarted_and_resumes_exactly(digits_teachers, tmp_p
 
     summary = train_on_ray(config, tmp_path / "ray", on_worker=kill_after_a_few_iterations)
     assert killed.is_set()
+    # The run itself saw the fault: Ray restarted the worker once, and it resumed.
+    assert summary["worker_restarts"] == 1
+    assert json.loads((tmp_path / "ray" / "result.json").read_text())["worker_restarts"] == 1
     assert summary["iterations"] == 12
     run_training(config, tmp_path / "local")
     assert same(student_weights(tmp_path / "ray"), student_weights(tmp_path / "local"))

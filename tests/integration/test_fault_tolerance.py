@@ -22,7 +22,7 @@ from cdfkd.student_node.checkpoint import list_checkpoints
 from tests.coordinator.test_ray_driver import same, student_weights
 from tests.helpers import packages, run_when, small_run, write_toml
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
 
 def _remote_entries(addresses: list[str], pki, **remote: object) -> list[dict]:
@@ -82,6 +82,12 @@ def test_a_teacher_node_killed_and_restarted_mid_run(
         for node in replacement:
             node.stop()
     assert replacement, "the node was never killed"
+    # The run itself saw the outage: its calls to the killed node failed and were retried,
+    # while the other nodes answered every call at once.
+    retries = [traffic["retries"] for traffic in summary["teacher_traffic"]]
+    assert retries[1] >= 1, retries
+    assert retries[0] == retries[2] == 0, retries
+    assert summary["rpc_retries"] == retries[1]
     assert summary["iterations"] == 12
     assert not summary["stopped_early"]
     # Retried calls are idempotent: the result equals an uninterrupted in-process run.

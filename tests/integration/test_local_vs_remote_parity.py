@@ -15,6 +15,7 @@ from tests.conftest import client_config
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_outputs_and_training_are_identical(node_processes, digits_teachers, dev_pki) -> None:
     nodes = [node_processes(index) for index in range(3)]
     local = digits_teachers.load()
@@ -58,6 +59,7 @@ def test_outputs_and_training_are_identical(node_processes, digits_teachers, dev
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_0(node_processes, dev_pki) -> None:
     node = node_processes(0)
     with RemoteTeacher(client_config(node.address, dev_pki)) as remote:
@@ -70,6 +72,7 @@ def test_sigterm_drains_and_exits_0(node_processes, dev_pki) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bad_teacher_config_exits_2(tmp_path, digits_teachers) -> None:
     from cdfkd.coordinator.cli import main
 

@@ -43,7 +43,7 @@ from tests.helpers import packages, run_when, small_run, write_toml
 
 # Generous: the first test's set-up also trains the session's digits teachers when this module
 # runs alone; each test itself takes under a minute on two cores.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 EPOCHS = 2  # 6 iterations of the small digits run
 ITERATIONS = 3 * EPOCHS

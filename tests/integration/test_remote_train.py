@@ -12,6 +12,7 @@ from tests.helpers import small_run, write_toml
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_train_against_teacher_nodes(
     node_processes, dev_pki, digits_teachers, tmp_path: Path, capsys
 ) -> None:
@@ -39,6 +40,7 @@ def test_train_against_teacher_nodes(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_an_untrusted_identity_fails_naming_the_node(
     node_processes, dev_pki, digits_teachers, tmp_path: Path, caplog
 ) -> None:

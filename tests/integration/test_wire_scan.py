@@ -41,6 +41,7 @@ def _needles(tensor: torch.Tensor) -> set[bytes]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_no_parameter_or_bn_statistic_in_what_the_node_sends(
     node_processes, digits_teachers, dev_pki
 ) -> None:

@@ -127,6 +127,7 @@ def test_incompatible_teachers_are_refused() -> None:
     assert check_teachers([a, d]) is a
 
 
+@pytest.mark.slow  # its fixture trains two ResNet teachers (minutes on 2 busy cores)
 def test_heterogeneous_teachers_train_together(mixed_teachers) -> None:
     teachers = mixed_teachers.load()
     assert len({t.info().feature_dim for t in teachers}) == 3

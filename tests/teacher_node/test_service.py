@@ -342,9 +342,8 @@ def test_the_example_teacher_config_is_valid() -> None:
 
 
 def test_outage_timeout_bounds_the_retries() -> None:
-    import time
-
     from cdfkd.student_node.teachers.remote import RemoteTeacherConfig
+    from tests.teacher_node.test_policy import FakeClock
 
     config = RemoteTeacherConfig(
         address="127.0.0.1:1",
@@ -354,7 +353,15 @@ def test_outage_timeout_bounds_the_retries() -> None:
         backoff_s=0.05,
         max_backoff_s=0.2,
     )
-    started = time.monotonic()
+    clock = FakeClock(0.0)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the backoff moves the injected clock, not the test
+        sleeps.append(seconds)
+        clock.now += seconds
+
     with pytest.raises(TeacherUnavailable, match="127.0.0.1:1"):
-        RemoteTeacher(config)
-    assert time.monotonic() - started < 5
+        RemoteTeacher(config, sleep=sleep, clock=clock)
+    # Doubling from 0.05 s, capped at 0.2 s; stops before the next wait passes 1 s of outage.
+    assert sleeps == [0.05, 0.1, 0.2, 0.2, 0.2, 0.2]
+    assert sum(sleeps) <= config.outage_timeout_s
