@@ -203,18 +203,25 @@ def main() -> None:
             "[limits]",
             f"max_batch = {args.max_batch}",
             f"max_in_flight_per_caller = {args.per_caller}",
+            "[audit]",
+            f'path = "{args.out / "audit.jsonl"}"',
+            "",
+        ]
+    )
+    policy = "\n".join(
+        [
             "[policy]",
             f'budget_file = "{args.out / "budget.json"}"',
             f"[policy.callers.{STUDENT_NAME}]",
             'mode = "full"',
             f"[policy.callers.{FLOOD_NAME}]",
             'mode = "full"',
-            "[audit]",
-            f'path = "{args.out / "audit.jsonl"}"',
             "",
         ]
     )
-    node = TeacherNodeProcess(package, args.out / "node", pki, threads=1, extra=extra)
+    node = TeacherNodeProcess(
+        package, args.out / "node", pki, threads=1, extra=extra, policy=policy
+    )
     # teacher_toml writes [node] without workers: add it there.
     config_text = node.config_path.read_text()
     node.config_path.write_text(config_text.replace("[node]", f"[node]\nworkers = {args.workers}"))
