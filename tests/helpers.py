@@ -36,6 +36,37 @@ def small_run(
     }
 
 
+def untrained_lenet_package(
+    directory: Path,
+    *,
+    name: str,
+    input_shape: tuple[int, int, int] = (1, 16, 16),
+    num_classes: int = 10,
+    mean: float = 0.3,
+    std: float = 0.4,
+) -> Path:
+    """A built-in (format 1) LeNet-5-BN package with untrained weights (torch seed 0)."""
+    from cdfkd.teacher_node.datasets import Normalization
+    from cdfkd.teacher_node.package import save_package
+    from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+
+    spec = ArchitectureSpec(
+        architecture="lenet5_bn", input_shape=input_shape, num_classes=num_classes
+    )
+    torch.manual_seed(0)
+    save_package(
+        directory,
+        build_classifier(spec),
+        name=name,
+        spec=spec,
+        normalization=Normalization(mean=(mean,), std=(std,)),
+        feature_dim=84,
+        test_accuracy=None,
+        train_samples=None,
+    )
+    return directory
+
+
 def packages(paths: list[Path]) -> list[dict[str, Any]]:
     """Teacher entries for local packages."""
     return [{"package": str(p)} for p in paths]

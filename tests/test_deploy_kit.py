@@ -134,23 +134,11 @@ def _installed_closure(requirements: list[Requirement]) -> set[str]:
 
 
 def _random_package(directory: Path) -> Path:
-    from cdfkd.teacher_node.datasets import Normalization
-    from cdfkd.teacher_node.package import save_package
-    from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+    from tests.helpers import untrained_lenet_package
 
-    torch.manual_seed(0)
-    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 32, 32), num_classes=10)
-    save_package(
-        directory,
-        build_classifier(spec),
-        name="random",
-        spec=spec,
-        normalization=Normalization(mean=(0.5,), std=(0.25,)),
-        feature_dim=84,
-        test_accuracy=None,
-        train_samples=None,
+    return untrained_lenet_package(
+        directory, name="random", input_shape=(1, 32, 32), mean=0.5, std=0.25
     )
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,11 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.errors import ExitCode
 from cdfkd.coordinator.nodes import TeacherNodeProcess
-from cdfkd.teacher_node.datasets import Normalization
-from cdfkd.teacher_node.package import save_package
-from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+from tests.helpers import untrained_lenet_package
 
 
 def _entry(address: str, pki, identity) -> str:
@@ -53,19 +50,7 @@ def test_each_failing_node_is_named_with_its_reason(
     trusted, foreign = dev_pki["trusted"], dev_pki["foreign"]
     good = node_processes(0)
     tls_refused = node_processes(1)
-    other = tmp_path / "five-classes"
-    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=5)
-    torch.manual_seed(0)
-    save_package(
-        other,
-        build_classifier(spec),
-        name="five",
-        spec=spec,
-        normalization=Normalization(mean=(0.3,), std=(0.4,)),
-        feature_dim=84,
-        test_accuracy=None,
-        train_samples=None,
-    )
+    other = untrained_lenet_package(tmp_path / "five-classes", name="five", num_classes=5)
     incompatible = TeacherNodeProcess(other, tmp_path / "n5", trusted)
     incompatible.start()
     unreachable = f"127.0.0.1:{_free_port()}"

@@ -347,24 +347,10 @@ def test_channel_counts_that_differ_fail_the_check_naming_the_teachers(
 
 def test_cdfkd_train_bridges_sizes_and_normalizations(tmp_path: Path, capsys) -> None:
     """`cdfkd train` with a built-in 1x16x16 teacher and an owner's 1x20x20 model on digits."""
-    from cdfkd.teacher_node.datasets import Normalization
-    from cdfkd.teacher_node.package import save_package
-    from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+    from tests.helpers import untrained_lenet_package
 
     # Untrained weights: the test is about shapes, spaces and the run, not accuracy.
-    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=10)
-    torch.manual_seed(0)
-    builtin = tmp_path / "builtin"
-    save_package(
-        builtin,
-        build_classifier(spec),
-        name="builtin",
-        spec=spec,
-        normalization=Normalization(mean=(0.3,), std=(0.4,)),
-        feature_dim=84,
-        test_accuracy=None,
-        train_samples=None,
-    )
+    builtin = untrained_lenet_package(tmp_path / "builtin", name="builtin")
     gray = _package_one_channel(tmp_path / "gray", tmp_path, num_classes=10)
     run = small_run(
         [{"package": str(builtin)}, {"package": str(gray)}],

@@ -36,26 +36,10 @@ OK = grpc.StatusCode.OK
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained LeNet-5-BN teacher package: identity does not need a good teacher."""
-    import torch
+    from tests.helpers import untrained_lenet_package
 
-    from cdfkd.teacher_node.datasets import Normalization
-    from cdfkd.teacher_node.package import save_package
-    from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
-
-    torch.manual_seed(0)
-    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=10)
     directory = tmp_path_factory.mktemp("identity_package")
-    save_package(
-        directory,
-        build_classifier(spec),
-        name="random",
-        spec=spec,
-        normalization=Normalization(mean=(0.5,), std=(0.25,)),
-        feature_dim=84,
-        test_accuracy=None,
-        train_samples=None,
-    )
-    return directory
+    return untrained_lenet_package(directory, name="random", mean=0.5, std=0.25)
 
 
 def _identities(rules: dict[str, CallerRule], *cas: x509.Certificate, any_caller: bool = False):

@@ -321,22 +321,9 @@ def test_missing_weights_and_bad_kwargs(tmp_path: Path, capsys) -> None:
 
 
 def test_format_1_packages_still_load(tmp_path: Path) -> None:
-    from cdfkd.teacher_node.datasets import Normalization
-    from cdfkd.teacher_node.package import save_package
-    from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
+    from tests.helpers import untrained_lenet_package
 
-    spec = ArchitectureSpec(architecture="lenet5_bn", input_shape=(1, 16, 16), num_classes=10)
-    torch.manual_seed(0)
-    save_package(
-        tmp_path,
-        build_classifier(spec),
-        name="old",
-        spec=spec,
-        normalization=Normalization(mean=(0.3,), std=(0.4,)),
-        feature_dim=84,
-        test_accuracy=None,
-        train_samples=None,
-    )
+    untrained_lenet_package(tmp_path, name="old")
     raw = json.loads((tmp_path / METADATA_FILE).read_text())
     # Built-in packages stay in format 1, readable by earlier versions: only spec-based keys.
     assert raw["format_version"] == 1
