@@ -238,8 +238,8 @@ def main() -> None:
         "deadline_s": args.deadline_s,
         "target_ratio": TARGET_RATIO,
     }
-    with node:
-        address = node.start()
+    with node:  # started by the context manager, stopped (drained) when it ends
+        address = node.address
         student = client(address, pki.ca.cert.parent, STUDENT_NAME)
         run_student(student, args.batch, 2, args.deadline_s)  # warm-up
         logger.info("unloaded: %d cycles", cycles)
