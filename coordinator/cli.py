@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -57,9 +58,44 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _privacy_settings(args: argparse.Namespace) -> dict[str, float] | None:
+    """The ``--dp-*`` flags, checked one by one so that an error names its flag."""
+    dp_flags = {
+        "--dp-delta": args.dp_delta,
+        "--dp-max-grad-norm": args.dp_max_grad_norm,
+        "--dp-stats-clip": args.dp_stats_clip,
+    }
+    if args.dp_epsilon is None:
+        given = [flag for flag, value in dp_flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only with --dp-epsilon (a DP teacher)")
+        return None
+    if not math.isfinite(args.dp_epsilon) or args.dp_epsilon <= 0:
+        raise ConfigError(
+            f"--dp-epsilon {args.dp_epsilon:g} must be a finite number > 0 (smaller is more "
+            "private; 1 to 8 are common)"
+        )
+    if args.dp_delta is None:
+        raise ConfigError("--dp-delta is required with --dp-epsilon (e.g. 1e-5, below 1/records)")
+    if not 0 < args.dp_delta < 1:
+        raise ConfigError(f"--dp-delta {args.dp_delta:g} must be in (0, 1), e.g. 1e-5")
+    settings = {"epsilon": args.dp_epsilon, "delta": args.dp_delta}
+    named = (("--dp-max-grad-norm", "max_grad_norm"), ("--dp-stats-clip", "statistics_clip"))
+    for flag, key in named:
+        value = dp_flags[flag]
+        if value is None:
+            continue
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{flag} {value:g} must be a finite number > 0")
+        settings[key] = value
+    return settings
+
+
 def _cmd_teacher_train(args: argparse.Namespace) -> int:
     from cdfkd.teacher_node.config_files import validate
     from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
+
+    privacy = _privacy_settings(args)
 
     fields = dict(
         name=args.name or Path(args.out).name,
@@ -77,10 +113,14 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        privacy=privacy,
     )
     job = validate(TeacherJob, fields, "teacher job", ConfigError)
     metadata = train_teacher_package(job, Path(args.out))
-    print(json.dumps({"package": str(args.out), "test_accuracy": metadata.test_accuracy}))
+    result: dict[str, object] = {"package": str(args.out), "test_accuracy": metadata.test_accuracy}
+    if metadata.privacy is not None:
+        result["privacy"] = metadata.privacy.model_dump(mode="json")
+    print(json.dumps(result))
     return ExitCode.OK
 
 
@@ -415,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         ".png/.jpg) or train.npz and test.npz",
     )
     train_teacher.add_argument(
-        "--architecture", default="lenet5_bn", choices=["lenet5_bn", "resnet"]
+        "--architecture",
+        choices=["lenet5_bn", "lenet5_gn", "resnet"],
+        help="default: lenet5_bn; lenet5_gn (GroupNorm) with --dp-epsilon",
     )
     train_teacher.add_argument("--depth", type=int, default=1, help="ResNet blocks per stage")
     train_teacher.add_argument("--width", type=int, default=16, help="ResNet first-stage channels")
@@ -429,6 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
     train_teacher.add_argument("--batch-size", type=int, default=128)
     train_teacher.add_argument("--lr", type=float, default=2e-3)
     train_teacher.add_argument("--seed", type=int, default=0)
+    train_teacher.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="train with differential privacy (DP-SGD): the epsilon of the whole package, "
+        "training and the prior's released statistics (README, 'Differentially private teachers')",
+    )
+    train_teacher.add_argument(
+        "--dp-delta", type=float, help="the delta of the DP guarantee (required with --dp-epsilon)"
+    )
+    train_teacher.add_argument(
+        "--dp-max-grad-norm",
+        type=float,
+        help="DP-SGD's per-sample gradient clipping bound (default 1.0)",
+    )
+    train_teacher.add_argument(
+        "--dp-stats-clip",
+        type=float,
+        help="norm bound of one record's released prior statistics, all layers (default 30)",
+    )
     train_teacher.set_defaults(handler=_cmd_teacher_train)
     package = teacher_commands.add_parser(
         "package",

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdfkd.coordinator.config import PackageTeacher, RunConfig
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
-from cdfkd.student_node.teachers.remote import RemoteTeacherConfig, open_channel
+from cdfkd.student_node.teachers.protocol import PrivacyInfo, describe_privacy
+from cdfkd.student_node.teachers.remote import RemoteTeacherConfig, open_channel, privacy_of
 from cdfkd.teacher_node.errors import PackageError
 from cdfkd.teacher_node.package import read_metadata
 
@@ -41,6 +42,7 @@ class NodeReport:
     mode: str = "-"
     remaining_budget: int | None = None
     health: str = "-"
+    privacy: PrivacyInfo | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +100,7 @@ def _check_node(entry: RemoteTeacherConfig, timeout_s: float) -> NodeReport:
     report.allowed_outputs = tuple(metadata.allowed_outputs)
     report.mode = metadata.mode or "-"
     report.remaining_budget = None if metadata.remaining_budget < 0 else metadata.remaining_budget
+    report.privacy = privacy_of(metadata)
     if report.remaining_budget == 0:
         report.problems.append("this caller's budget on the node is used up")
     if "logits" not in report.allowed_outputs:
@@ -117,8 +120,19 @@ def _check_package(entry: PackageTeacher) -> NodeReport:
     report.input_shape = metadata.input_shape
     report.normalization = (metadata.normalization.mean, metadata.normalization.std)
     report.feature_dim = metadata.feature_dim
-    report.has_bn_prior = metadata.has_batchnorm
+    report.has_bn_prior = metadata.has_statistics_prior
     report.allowed_outputs = ("logits", "features", "bn_loss", "input_grad")
+    guarantee = metadata.privacy
+    if guarantee is not None:
+        report.privacy = PrivacyInfo(
+            mechanism=guarantee.mechanism,
+            epsilon=guarantee.epsilon,
+            delta=guarantee.delta,
+            accountant=guarantee.accountant,
+            max_grad_norm=guarantee.max_grad_norm,
+            noise_multiplier=guarantee.noise_multiplier,
+            statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
+        )
     report.health = "LOCAL"
     report.mode = "full"
     return report
@@ -183,6 +197,7 @@ def format_table(reports: list[NodeReport]) -> str:
         "features",
         "mode",
         "budget",
+        "privacy",
         "status",
     )
     rows = [
@@ -195,6 +210,7 @@ def format_table(reports: list[NodeReport]) -> str:
             "-" if r.feature_dim is None else str(r.feature_dim),
             r.mode,
             "unlimited" if r.remaining_budget is None else str(r.remaining_budget),
+            describe_privacy(r.privacy),
             "ok" if r.ok else "FAIL: " + "; ".join(r.problems),
         )
         for r in reports

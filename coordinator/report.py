@@ -128,8 +128,29 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         f"{', '.join(_count(n) for n in summary['teacher_parameters'])}.",
         "",
     ]
+    lines += _privacy_lines(summary)
     lines += [f"![{name}]({name})" for name in plots]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def describe_guarantee(privacy: dict[str, Any] | None) -> str:
+    """One teacher's DP guarantee in words; ``none`` for a teacher trained without one."""
+    if privacy is None:
+        return "none"
+    return (
+        f"({privacy['epsilon']:.3g}, {privacy['delta']:.3g})-DP on its owner's training "
+        f"records ({privacy['mechanism']}, {privacy['accountant']} accountant; noise multiplier "
+        f"{privacy['noise_multiplier']:.3g}, clipping {privacy['max_grad_norm']:g})"
+    )
+
+
+def _privacy_lines(summary: dict[str, Any]) -> list[str]:
+    """Each teacher's differential-privacy guarantee, as its owner states it."""
+    guarantees = summary.get("teacher_privacy") or [None] * len(summary["teacher_parameters"])
+    lines = ["Teachers' privacy guarantees (stated by each owner's node):", ""]
+    for index, privacy in enumerate(guarantees):
+        lines.append(f"- teacher {index}: {describe_guarantee(privacy)}")
+    return [*lines, ""]
 
 
 def _accuracy_table(summary: dict[str, Any]) -> list[str]:

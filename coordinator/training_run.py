@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class RunResult:
     attention_samples: int
     teacher_traffic: list[dict[str, Any]]
     data: str | None = None
+    #: Per teacher, its DP guarantee as its owner states it (None: none).
+    teacher_privacy: list[dict[str, Any] | None] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written to ``result.json`` (and extended by the demo).
@@ -120,6 +122,7 @@ class RunResult:
             "teacher_accuracies": None if teachers is None else teachers.teachers,
             "teacher_ensemble_accuracy": None if teachers is None else teachers.ensemble,
             "teacher_parameters": self.teacher_parameters,
+            "teacher_privacy": self.teacher_privacy,
             "student_header_accuracies": None if student is None else student.headers,
             "student_accuracy_mean": None if student is None else student.mean,
             "student_accuracy_attention": None if student is None else student.attention,
@@ -398,6 +401,10 @@ def _distill(
         device=str(device),
         teachers=teacher_result,
         teacher_parameters=[_teacher_parameters(config, i) for i in range(len(teachers))],
+        teacher_privacy=[
+            None if info.privacy is None else {"name": info.name, **asdict(info.privacy)}
+            for info in infos
+        ],
         student=student_result,
         student_parameters=sum(p.numel() for p in state.student.parameters()),
         attention_samples=0 if aggregator is None else train_config.attention.samples,

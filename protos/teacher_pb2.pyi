@@ -21,7 +21,7 @@ class GetMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMetadataResponse(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes", "mode", "remaining_budget", "has_bn_prior", "max_image_side")
+    __slots__ = ("name", "num_classes", "input_shape", "feature_dim", "normalization_mean", "normalization_std", "allowed_outputs", "max_batch", "max_message_bytes", "wire_dtypes", "mode", "remaining_budget", "has_bn_prior", "max_image_side", "privacy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class GetMetadataResponse(_message.Message):
     REMAINING_BUDGET_FIELD_NUMBER: _ClassVar[int]
     HAS_BN_PRIOR_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -50,7 +51,26 @@ class GetMetadataResponse(_message.Message):
     remaining_budget: int
     has_bn_prior: bool
     max_image_side: int
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., remaining_budget: _Optional[int] = ..., has_bn_prior: _Optional[bool] = ..., max_image_side: _Optional[int] = ...) -> None: ...
+    privacy: Privacy
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_dim: _Optional[int] = ..., normalization_mean: _Optional[_Iterable[float]] = ..., normalization_std: _Optional[_Iterable[float]] = ..., allowed_outputs: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., remaining_budget: _Optional[int] = ..., has_bn_prior: _Optional[bool] = ..., max_image_side: _Optional[int] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ...) -> None: ...
+
+class Privacy(_message.Message):
+    __slots__ = ("mechanism", "epsilon", "delta", "accountant", "max_grad_norm", "noise_multiplier", "statistics_noise_multiplier")
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    mechanism: str
+    epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: float
+    statistics_noise_multiplier: float
+    def __init__(self, mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., statistics_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("images", "want_features", "want_bn_loss", "response_dtype")

@@ -20,7 +20,7 @@ from torch import nn
 from cdfkd.student_node.config import TrainConfig
 from cdfkd.student_node.errors import CheckpointError
 from cdfkd.student_node.models.aggregator import AttentionAggregator
-from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, TeacherInfo
+from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, PrivacyInfo, TeacherInfo
 from cdfkd.student_node.teachers.run_space import RunImageSpace, resolve_image_space
 from cdfkd.student_node.trainer import build_student
 from cdfkd.teacher_node.datasets import Normalization
@@ -88,6 +88,7 @@ def load_student(
                 normalization_mean=tuple(t["normalization_mean"]),
                 normalization_std=tuple(t["normalization_std"]),
                 allowed_outputs=frozenset(t.get("allowed_outputs", ALL_OUTPUTS)),
+                privacy=PrivacyInfo(**t["privacy"]) if t.get("privacy") else None,
             )
             for t in metadata["teachers"]
         ]

@@ -8,6 +8,11 @@ and the input vector-Jacobian product of METHOD.md "What the system adds":
 
 It never returns parameters or BN running statistics, only values computed on ``x``.
 
+The targets of R(x) are the BatchNorm layers' running statistics, or, for a differentially
+private teacher (GroupNorm, no running statistics), the statistics released with the Gaussian
+mechanism when it was trained (``statistics``: per normalization layer, the noised per-channel
+mean and variance of the layer's input over the owner's records).
+
 ``x`` is in the run image space (``teacher_node/image_space.py``): float (B, C, H, W) pixels on
 the [0, 1] scale at the run's size. The engine brings it to the teacher's own size (bilinear)
 and normalization inside the differentiable forward pass, so ``input_grad`` is the exact
@@ -24,7 +29,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +68,13 @@ class EngineInfo:
     input_shape: tuple[int, int, int]
     num_classes: int
     feature_dim: int
+    #: Layers of the prior R(x): BatchNorm layers, or those of a DP teacher's released statistics.
     num_bn_layers: int
     max_image_side: int = MAX_IMAGE_SIDE
 
     @property
     def has_bn_prior(self) -> bool:
-        """Whether the teacher has BatchNorm layers, so R(x) exists."""
+        """Whether the teacher has BatchNorm layers or released statistics, so R(x) exists."""
         return self.num_bn_layers > 0
 
 
@@ -117,6 +123,9 @@ class TeacherEngine:
             model takes the [0, 1] pixels as they are.
         first_bn_scale: c_1 of METHOD.md.
         max_image_side: Largest query height or width accepted (bounds the work per image).
+        statistics: Released targets of R(x) for a teacher without BatchNorm (a DP teacher):
+            per layer, its module name and the per-channel mean and variance of its input.
+            None: the BatchNorm layers and their running statistics.
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class TeacherEngine:
         normalization: Normalization | None = None,
         first_bn_scale: float = FIRST_BN_SCALE,
         max_image_side: int = MAX_IMAGE_SIDE,
+        statistics: Sequence[PriorTarget] | None = None,
     ) -> None:
         self._model = model.eval().requires_grad_(False)
         self._input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
@@ -151,9 +161,18 @@ class TeacherEngine:
             self._mean = torch.tensor(normalization.mean, **options).view(view)  # type: ignore[arg-type]
             self._std = torch.tensor(normalization.std, **options).view(view)  # type: ignore[arg-type]
         # modules() order, as the authors' hooks: c_1 applies to the first registered BN layer.
-        self._bn_layers: list[nn.modules.batchnorm._BatchNorm] = [
+        self._bn_layers: list[nn.Module] = [
             m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
+        # None: the BatchNorm layers' running statistics, read at each call.
+        self._targets: list[tuple[Tensor, Tensor]] | None = None
+        if statistics is not None:
+            if self._bn_layers:
+                raise InvalidInput(
+                    "released statistics replace BatchNorm running statistics: this teacher "
+                    "has BatchNorm layers"
+                )
+            self._bn_layers, self._targets = _released_targets(model, statistics, parameter)
         self._scales = [first_bn_scale] + [1.0] * (len(self._bn_layers) - 1)
         # Calls from several server threads share the modules the per-call hooks attach to.
         self._lock = threading.Lock()
@@ -263,11 +282,15 @@ class TeacherEngine:
             for handle in handles:
                 handle.remove()
         order = range(len(self._bn_layers))
+        targets = self._targets or [
+            (bn.running_mean, bn.running_var)  # type: ignore[misc]
+            for bn in self._bn_layers
+        ]
         bn_loss = bn_prior(
             [stats[i][0] for i in order],
             [stats[i][1] for i in order],
-            [bn.running_mean for bn in self._bn_layers],  # type: ignore[misc]
-            [bn.running_var for bn in self._bn_layers],  # type: ignore[misc]
+            [mean for mean, _ in targets],
+            [var for _, var in targets],
             self._scales,
         )
         return EngineOutputs(output.logits, output.features, bn_loss)
@@ -275,7 +298,8 @@ class TeacherEngine:
     def _check_bn_prior(self, wanted: bool) -> None:
         if wanted and not self._bn_layers:
             raise InvalidInput(
-                "this teacher has no BatchNorm layers, so it has no BN-prior term R(x): ask "
+                "this teacher has no BatchNorm layers (nor released statistics), so it has no "
+                "BN-prior term R(x): ask "
                 "without it (bn_weight 0; GetMetadata.has_bn_prior is false)"
             )
 
@@ -296,6 +320,52 @@ class TeacherEngine:
         if images.shape[0] < 2:
             raise InvalidInput("a batch needs at least 2 images for BatchNorm batch statistics")
         _check_finite("images", images)
+
+
+class PriorTarget(Protocol):
+    """One layer's target of R(x): the module's name and its input's per-channel statistics."""
+
+    @property
+    def layer(self) -> str: ...  # noqa: D102
+
+    @property
+    def mean(self) -> Sequence[float]: ...  # noqa: D102
+
+    @property
+    def var(self) -> Sequence[float]: ...  # noqa: D102
+
+
+def _released_targets(
+    model: nn.Module, statistics: Sequence[PriorTarget], parameter: Tensor
+) -> tuple[list[nn.Module], list[tuple[Tensor, Tensor]]]:
+    """The modules the released statistics name and their targets as tensors.
+
+    Raises:
+        InvalidInput: a named module is missing or the channel counts do not fit.
+    """
+    modules = dict(model.named_modules())
+    layers, targets = [], []
+    options = {"dtype": parameter.dtype, "device": parameter.device}
+    for entry in statistics:
+        module = modules.get(entry.layer)
+        if module is None or entry.layer == "":
+            raise InvalidInput(f"released statistics name layer {entry.layer!r}, not in the model")
+        channels = getattr(module, "num_channels", None)
+        if len(entry.mean) != len(entry.var) or (
+            channels is not None and len(entry.mean) != channels
+        ):
+            raise InvalidInput(
+                f"released statistics of {entry.layer!r} have {len(entry.mean)} means and "
+                f"{len(entry.var)} variances for {channels} channels"
+            )
+        layers.append(module)
+        targets.append(
+            (
+                torch.tensor(entry.mean, **options),  # type: ignore[arg-type]
+                torch.tensor(entry.var, **options),  # type: ignore[arg-type]
+            )
+        )
+    return layers, targets
 
 
 def _as_on_the_wire(images: Tensor) -> Tensor:

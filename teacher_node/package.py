@@ -31,7 +31,13 @@ from torch import Tensor, nn
 
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.errors import PackageError
-from cdfkd.teacher_node.owner_model import FactoryRef, FeatureTap, build_from_factory
+from cdfkd.teacher_node.owner_model import (
+    FactoryRef,
+    FeatureTap,
+    build_from_factory,
+    has_batchnorm,
+)
+from cdfkd.teacher_node.privacy import LayerStatistics, PrivacyGuarantee
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ _FORMAT_2_FIELDS = frozenset(
         "feature_from_input",
         "has_batchnorm",
         "eval_data",
+        "privacy",
+        "released_statistics",
     }
 )
 
@@ -73,6 +81,10 @@ class TeacherMetadata(BaseModel):
             input of the last ``nn.Linear``), else its output.
         has_batchnorm: Whether the model has BatchNorm layers (else it has no BN prior).
         eval_data: What ``test_accuracy`` was measured on.
+        privacy: A DP teacher's guarantee (``cdfkd teacher train --dp-epsilon``); None for a
+            teacher trained without differential privacy.
+        released_statistics: A DP teacher's noised per-layer statistics, the targets of its
+            prior R(x) (it has no BatchNorm running statistics); charged to ``privacy``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +105,8 @@ class TeacherMetadata(BaseModel):
     eval_data: str | None = None
     train_samples: int | None = None
     weights_sha256: str
+    privacy: PrivacyGuarantee | None = None
+    released_statistics: tuple[LayerStatistics, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,7 +131,14 @@ class TeacherMetadata(BaseModel):
                 f"normalization has {len(self.normalization.mean)} means and "
                 f"{len(self.normalization.std)} stds for {channels} channels"
             )
+        if self.released_statistics is not None and self.privacy is None:
+            raise ValueError("released_statistics come only with a privacy guarantee")
         return self
+
+    @property
+    def has_statistics_prior(self) -> bool:
+        """Whether the teacher has a prior R(x): BatchNorm or released statistics."""
+        return self.has_batchnorm or bool(self.released_statistics)
 
 
 def _sha256(path: Path) -> str:
@@ -154,6 +175,50 @@ def save_package(
         test_accuracy=test_accuracy,
         train_samples=train_samples,
         weights_sha256=_sha256(weights),
+    )
+    write_metadata(directory, metadata)
+    return metadata
+
+
+def save_private_package(
+    directory: Path,
+    model: nn.Module,
+    *,
+    name: str,
+    spec: ArchitectureSpec,
+    normalization: Normalization,
+    feature_dim: int,
+    test_accuracy: float | None,
+    eval_data: str,
+    train_samples: int,
+    privacy: PrivacyGuarantee,
+    statistics: list[LayerStatistics],
+) -> TeacherMetadata:
+    """Write a DP teacher's package (format 2): weights, guarantee and released statistics.
+
+    Raises:
+        PackageError: the model holds BatchNorm running statistics (un-noised data
+            statistics a DP package must not hold).
+    """
+    if has_batchnorm(model):
+        raise PackageError("a DP package must not hold BatchNorm running statistics")
+    directory = Path(directory)
+    weights = write_weights(directory, model)
+    metadata = TeacherMetadata(
+        name=name,
+        spec=spec,
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
+        normalization=normalization,
+        has_batchnorm=False,
+        feature_dim=feature_dim,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        test_accuracy=test_accuracy,
+        eval_data=eval_data,
+        train_samples=train_samples,
+        weights_sha256=_sha256(weights),
+        privacy=privacy,
+        released_statistics=tuple(statistics),
     )
     write_metadata(directory, metadata)
     return metadata

@@ -112,7 +112,11 @@ def engine_for_package(
             f"{metadata.input_shape}: raise it"
         )
     return TeacherEngine(
-        model, metadata.input_shape, metadata.normalization, max_image_side=max_image_side
+        model,
+        metadata.input_shape,
+        metadata.normalization,
+        max_image_side=max_image_side,
+        statistics=metadata.released_statistics,
     )
 
 

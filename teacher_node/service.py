@@ -52,6 +52,7 @@ from cdfkd.teacher_node.errors import (
 from cdfkd.teacher_node.identity import CallerIdentities
 from cdfkd.teacher_node.package import TeacherMetadata
 from cdfkd.teacher_node.policy import MODE_OUTPUTS, CallerRule, Policy
+from cdfkd.teacher_node.privacy import PrivacyGuarantee
 from cdfkd.teacher_node.request_ids import (
     MAX_REQUEST_ID_LENGTH,
     Claim,
@@ -110,6 +111,21 @@ def _request_id(context: grpc.ServicerContext) -> str | None:
                 )
             return text
     return None
+
+
+def _privacy_message(guarantee: PrivacyGuarantee | None) -> teacher_pb2.Privacy | None:
+    """GetMetadata's ``privacy``: the package's guarantee; None (absent) without one."""
+    if guarantee is None:
+        return None
+    return teacher_pb2.Privacy(
+        mechanism=guarantee.mechanism,
+        epsilon=guarantee.epsilon,
+        delta=guarantee.delta,
+        accountant=guarantee.accountant,
+        max_grad_norm=guarantee.max_grad_norm,
+        noise_multiplier=guarantee.noise_multiplier,
+        statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
+    )
 
 
 @dataclass
@@ -386,6 +402,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             remaining_budget=-1 if remaining is None else remaining,
             has_bn_prior=info.has_bn_prior,
             max_image_side=info.max_image_side,
+            privacy=_privacy_message(self._metadata.privacy),
         )
         self._audit(caller, "GetMetadata", 0, "allowed", bytes_returned=reply.ByteSize())
         return reply

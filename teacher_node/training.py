@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from cdfkd.teacher_node.data_sources import DataSource, load_train_and_test
+from cdfkd.teacher_node.data_sources import DataSource, describe_source, load_train_and_test
 from cdfkd.teacher_node.datasets import (
     DatasetName,
     ImageDataset,
@@ -20,11 +20,19 @@ from cdfkd.teacher_node.datasets import (
     dirichlet_shards,
     iid_shards,
 )
+from cdfkd.teacher_node.dp_training import train_private_classifier
 from cdfkd.teacher_node.metrics import accuracy, batched
-from cdfkd.teacher_node.package import TeacherMetadata, save_package
+from cdfkd.teacher_node.package import TeacherMetadata, save_package, save_private_package
+from cdfkd.teacher_node.privacy import PrivacySettings
 from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier, feature_dim_of
 
 logger = logging.getLogger(__name__)
+
+#: Per-channel (mean, std) of a DP teacher's input: fixed, not measured on anyone's data, so
+#: that it costs no privacy; it maps [0, 1] pixels to [-1, 1].
+PRIVATE_NORMALIZATION = (0.5, 0.5)
+#: Architectures with BatchNorm, which DP-SGD cannot train.
+BATCHNORM_ARCHITECTURES = frozenset({Architecture.LENET5_BN, Architecture.RESNET})
 
 
 class TeacherTrainConfig(BaseModel):
@@ -112,7 +120,7 @@ class TeacherJob(BaseModel):
     dataset: DatasetName | None = None
     data_path: Path | None = None
     data: Path | None = None
-    architecture: Architecture = Architecture.LENET5_BN
+    architecture: Architecture | None = None
     depth: int = Field(default=1, ge=1, le=18)
     width: int = Field(default=16, ge=4, le=512)
     shard: int = Field(default=0, ge=0)
@@ -124,9 +132,16 @@ class TeacherJob(BaseModel):
     batch_size: int = Field(default=128, ge=2)
     learning_rate: float = Field(default=2e-3, gt=0.0)
     seed: int = 0
+    privacy: PrivacySettings | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TeacherJob:
+        if self.privacy is not None and self.model_architecture in BATCHNORM_ARCHITECTURES:
+            raise ValueError(
+                f"--architecture {self.model_architecture.value} has BatchNorm, which DP-SGD "
+                "cannot train (it mixes the records of a batch, so per-sample gradients do not "
+                f"exist): use {Architecture.LENET5_GN.value} with --dp-epsilon"
+            )
         if self.shard >= self.num_shards:
             raise ValueError(f"shard {self.shard} is out of range for {self.num_shards} shards")
         if self.data is not None and (self.dataset is not None or self.data_path is not None):
@@ -135,6 +150,13 @@ class TeacherJob(BaseModel):
                 "data_path, --data-path), not both"
             )
         return self
+
+    @property
+    def model_architecture(self) -> Architecture:
+        """The architecture: as given, else LeNet-5-GN for a DP teacher and LeNet-5-BN."""
+        if self.architecture is not None:
+            return self.architecture
+        return Architecture.LENET5_GN if self.privacy is not None else Architecture.LENET5_BN
 
     @property
     def source(self) -> DataSource:
@@ -159,13 +181,22 @@ def train_teacher_package(job: TeacherJob, out: Path) -> TeacherMetadata:
     """Train the job's teacher on its shard, measure it on the test split, write the package.
 
     The normalization is computed on the full training split of the dataset, so that all
-    owners of a federation share it (the run checks that they do).
+    owners of a federation share it (the run checks that they do). A DP teacher
+    (``job.privacy``) takes the data-independent :data:`PRIVATE_NORMALIZATION` instead: the
+    package then holds nothing computed from the training data without noise.
     """
     train_full, test = load_train_and_test(job.source, root=job.data_path)
-    normalization = Normalization.of(train_full)
+    channels = train_full.input_shape[0]
+    normalization = (
+        Normalization(
+            mean=(PRIVATE_NORMALIZATION[0],) * channels, std=(PRIVATE_NORMALIZATION[1],) * channels
+        )
+        if job.privacy is not None
+        else Normalization.of(train_full)
+    )
     shard = owner_shard(job, train_full)
     spec = ArchitectureSpec(
-        architecture=job.architecture,
+        architecture=job.model_architecture,
         input_shape=shard.input_shape,
         num_classes=shard.num_classes,
         depth=job.depth,
@@ -181,20 +212,53 @@ def train_teacher_package(job: TeacherJob, out: Path) -> TeacherMetadata:
         len(shard),
         job.epochs,
     )
-    train_classifier(
-        model,
-        shard,
-        normalization,
-        TeacherTrainConfig(
+
+    def log_epoch(epoch: int, loss: float) -> None:
+        logger.info("  epoch %d: loss %.4f", epoch + 1, loss)
+
+    private = None
+    if job.privacy is not None:
+        private = train_private_classifier(
+            model,
+            shard,
+            normalization,
             epochs=job.epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
             seed=job.seed,
-        ),
-        on_epoch=lambda epoch, loss: logger.info("  epoch %d: loss %.4f", epoch + 1, loss),
-    )
+            settings=job.privacy,
+            on_epoch=log_epoch,
+        )
+        logger.info("teacher %s: %s", job.name, private.guarantee.describe())
+    else:
+        train_classifier(
+            model,
+            shard,
+            normalization,
+            TeacherTrainConfig(
+                epochs=job.epochs,
+                batch_size=job.batch_size,
+                learning_rate=job.learning_rate,
+                seed=job.seed,
+            ),
+            on_epoch=log_epoch,
+        )
     test_accuracy = classifier_accuracy(model, test, normalization)
     logger.info("teacher %s: test accuracy %.2f %%", job.name, 100 * test_accuracy)
+    if private is not None:
+        return save_private_package(
+            out,
+            model,
+            name=job.name,
+            spec=spec,
+            normalization=normalization,
+            feature_dim=feature_dim_of(model),
+            test_accuracy=test_accuracy,
+            eval_data=f"the test split of {describe_source(job.source)} (not the training data)",
+            train_samples=len(shard),
+            privacy=private.guarantee,
+            statistics=private.statistics,
+        )
     return save_package(
         out,
         model,

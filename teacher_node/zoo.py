@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,9 @@ class Architecture(enum.StrEnum):
     """Teacher architectures a teacher package may name."""
 
     LENET5_BN = "lenet5_bn"
+    #: LeNet-5 with GroupNorm: the differentially private variant (``--dp-epsilon``). BatchNorm
+    #: mixes the samples of a batch, so per-sample gradients, and DP-SGD, do not exist for it.
+    LENET5_GN = "lenet5_gn"
     RESNET = "resnet"
 
 
@@ -59,25 +63,47 @@ class ArchitectureSpec(BaseModel):
         return self
 
 
+#: Groups of a GroupNorm over C channels: the largest divisor of C up to this.
+MAX_NORM_GROUPS = 4
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` with the largest group count <= 4 that divides them."""
+    groups = max(g for g in range(1, MAX_NORM_GROUPS + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
 class LeNet5BN(nn.Module):
     """LeNet-5 with BatchNorm after every convolution and hidden linear layer.
 
     For a 1x32x32 input this is the classic 6-16-120-84 network (61,706 parameters
     plus BN); other sizes adapt the first linear layer to the flattened width.
+
+    Args:
+        input_shape: ``(C, H, W)``.
+        num_classes: Logits' width.
+        norm2d: Normalization after each convolution (BatchNorm2d; GroupNorm for DP).
+        norm1d: Normalization after each hidden linear layer (BatchNorm1d; GroupNorm for DP).
     """
 
     feature_dim = 84
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        norm2d: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        norm1d: Callable[[int], nn.Module] = nn.BatchNorm1d,
+    ) -> None:
         super().__init__()
         channels, height, width = input_shape
         self.features_extractor = nn.Sequential(
             nn.Conv2d(channels, 6, kernel_size=5),
-            nn.BatchNorm2d(6),
+            norm2d(6),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(6, 16, kernel_size=5),
-            nn.BatchNorm2d(16),
+            norm2d(16),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
@@ -89,10 +115,10 @@ class LeNet5BN(nn.Module):
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(flat, 120),
-            nn.BatchNorm1d(120),
+            norm1d(120),
             nn.ReLU(),
             nn.Linear(120, self.feature_dim),
-            nn.BatchNorm1d(self.feature_dim),
+            norm1d(self.feature_dim),
             nn.ReLU(),
         )
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -165,6 +191,8 @@ def build_classifier(spec: ArchitectureSpec) -> nn.Module:
     match spec.architecture:
         case Architecture.LENET5_BN:
             return LeNet5BN(spec.input_shape, spec.num_classes)
+        case Architecture.LENET5_GN:
+            return LeNet5BN(spec.input_shape, spec.num_classes, group_norm, group_norm)
         case Architecture.RESNET:
             return CifarResNet(spec.input_shape, spec.num_classes, spec.depth, spec.width)
 
@@ -186,7 +214,9 @@ __all__ = [
     "CifarResNet",
     "ClassifierOutput",
     "LeNet5BN",
+    "MAX_NORM_GROUPS",
     "build_classifier",
     "count_parameters",
     "feature_dim_of",
+    "group_norm",
 ]

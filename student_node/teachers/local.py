@@ -7,7 +7,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cdfkd.student_node.teachers.protocol import ALL_OUTPUTS, TeacherInfo, TeacherOutputs
+from cdfkd.student_node.teachers.protocol import (
+    ALL_OUTPUTS,
+    PrivacyInfo,
+    TeacherInfo,
+    TeacherOutputs,
+)
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.package import load_package
@@ -25,7 +30,13 @@ class InProcessTeacher:
         normalization: The normalization the teacher expects.
     """
 
-    def __init__(self, engine: TeacherEngine, name: str, normalization: Normalization) -> None:
+    def __init__(
+        self,
+        engine: TeacherEngine,
+        name: str,
+        normalization: Normalization,
+        privacy: PrivacyInfo | None = None,
+    ) -> None:
         self._engine = engine
         info = engine.info
         self._info = TeacherInfo(
@@ -36,6 +47,7 @@ class InProcessTeacher:
             normalization_mean=normalization.mean,
             normalization_std=normalization.std,
             allowed_outputs=ALL_OUTPUTS if info.has_bn_prior else ALL_OUTPUTS - {"bn_loss"},
+            privacy=privacy,
         )
 
     @classmethod
@@ -43,9 +55,24 @@ class InProcessTeacher:
         """Load a teacher package (see ``cdfkd teacher train``) onto ``device`` (default CPU)."""
         metadata, model = load_package(directory)
         engine = TeacherEngine(
-            model.to(device or torch.device("cpu")), metadata.input_shape, metadata.normalization
+            model.to(device or torch.device("cpu")),
+            metadata.input_shape,
+            metadata.normalization,
+            statistics=metadata.released_statistics,
         )
-        return cls(engine, metadata.name, metadata.normalization)
+        guarantee = metadata.privacy
+        privacy = None
+        if guarantee is not None:
+            privacy = PrivacyInfo(
+                mechanism=guarantee.mechanism,
+                epsilon=guarantee.epsilon,
+                delta=guarantee.delta,
+                accountant=guarantee.accountant,
+                max_grad_norm=guarantee.max_grad_norm,
+                noise_multiplier=guarantee.noise_multiplier,
+                statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
+            )
+        return cls(engine, metadata.name, metadata.normalization, privacy)
 
     def info(self) -> TeacherInfo:
         """Shapes and normalization of the teacher."""

@@ -16,6 +16,41 @@ ALL_OUTPUTS = frozenset({"logits", "features", "bn_loss", "input_grad"})
 
 
 @dataclass(frozen=True)
+class PrivacyInfo:
+    """A teacher's differential-privacy guarantee about its owner's training records.
+
+    Attributes:
+        mechanism: ``dp-sgd``.
+        epsilon: The owner's accountant's epsilon (training and the prior's statistics).
+        delta: Its delta.
+        accountant: Which accountant computed it.
+        max_grad_norm: DP-SGD's clipping bound.
+        noise_multiplier: DP-SGD's noise std over the clipping bound.
+        statistics_noise_multiplier: The statistics release's noise std over its bound.
+    """
+
+    mechanism: str
+    epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: float
+    statistics_noise_multiplier: float
+
+    def describe(self) -> str:
+        """``(epsilon, delta)-DP (mechanism, accountant accountant)``."""
+        return (
+            f"({self.epsilon:.3g}, {self.delta:.3g})-DP ({self.mechanism}, {self.accountant} "
+            "accountant)"
+        )
+
+
+def describe_privacy(privacy: PrivacyInfo | None) -> str:
+    """A teacher's guarantee in words, ``none`` without one."""
+    return "none" if privacy is None else privacy.describe()
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     """What the student side may know about a teacher: shapes, never parameters.
 
@@ -30,6 +65,7 @@ class TeacherInfo:
         allowed_outputs: What the owner lets this caller have, of "logits", "features",
             "bn_loss" and "input_grad"; without "input_grad" the teacher's ``input_grad`` is a
             zeroth-order estimate from logits.
+        privacy: The teacher's DP guarantee; None for a teacher trained without one.
     """
 
     name: str
@@ -39,6 +75,7 @@ class TeacherInfo:
     normalization_mean: tuple[float, ...]
     normalization_std: tuple[float, ...]
     allowed_outputs: frozenset[str] = ALL_OUTPUTS
+    privacy: PrivacyInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from cdfkd.student_node.errors import (
     TeacherRejectedRequest,
     TeacherUnavailable,
 )
-from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
+from cdfkd.student_node.teachers.protocol import PrivacyInfo, TeacherInfo, TeacherOutputs
 from cdfkd.student_node.teachers.zeroth_order import zeroth_order_input_grad
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,22 @@ Reply = TypeVar("Reply")
 
 _RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _GRPC_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
+
+
+def privacy_of(metadata: teacher_pb2.GetMetadataResponse) -> PrivacyInfo | None:
+    """The guarantee GetMetadata states; None when the field is absent."""
+    if not metadata.HasField("privacy"):
+        return None
+    privacy = metadata.privacy
+    return PrivacyInfo(
+        mechanism=privacy.mechanism,
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=privacy.noise_multiplier,
+        statistics_noise_multiplier=privacy.statistics_noise_multiplier,
+    )
 
 
 class RemoteTeacherConfig(BaseModel):
@@ -184,6 +200,7 @@ class RemoteTeacher:
             # A teacher without BatchNorm has no R(x) to give, whatever the caller may ask.
             allowed_outputs=frozenset(metadata.allowed_outputs)
             - (frozenset() if metadata.has_bn_prior else frozenset({"bn_loss"})),
+            privacy=privacy_of(metadata),
         )
         self._directions = torch.Generator().manual_seed(config.seed)
         batch = max(1, metadata.max_batch)
