@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,15 @@ from cdfkd.teacher_node.privacy import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def unpredictable_generator() -> torch.Generator:
+    """A generator for privacy noise, seeded from the OS's entropy, never from ``--seed``.
+
+    Noise drawn from a known seed could be regenerated and subtracted (the released statistics
+    would become exact), so no seed the owner passes, defaults or records reaches it.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ def train_private_classifier(
         epochs: Passes over the data (in expectation: Poisson sampling).
         batch_size: Expected records per step.
         learning_rate: Adam's learning rate.
-        seed: Seeds sampling, noise and initialization order.
+        seed: Seeds the Poisson sampling; the noise is unpredictable
+            (:func:`unpredictable_generator`).
         settings: The owner's (epsilon, delta) and clipping bounds.
         on_epoch: Called with (epoch, mean training loss).
 
@@ -118,9 +129,11 @@ def train_private_classifier(
         TensorDataset(images, train.labels), batch_size=batch_size, generator=generator
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    engine = PrivacyEngine(accountant=ACCOUNTANT)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG (see README)
+        # Opacus warns that its secure RNG is off: the noise generator is seeded from the OS's
+        # entropy instead (README, "Differentially private teachers").
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -128,26 +141,29 @@ def train_private_classifier(
             noise_multiplier=calibration.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=unpredictable_generator(),
         )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(private_optimizer, T_max=steps)
     private_model.train()
-    for epoch in range(epochs):
-        total, batches = 0.0, 0
-        for batch_images, batch_labels in private_loader:
-            private_optimizer.zero_grad(set_to_none=True)
-            # An empty Poisson batch is a step too: zero per-sample gradients, noise, accounted.
-            loss = F.cross_entropy(
-                private_model(batch_images).logits, batch_labels, reduction="sum"
-            ) / max(1, batch_images.shape[0])
-            loss.backward()
-            private_optimizer.step()
-            scheduler.step()
-            if batch_images.shape[0] > 0:
-                total += loss.item()
-                batches += 1
-        if on_epoch is not None:
-            on_epoch(epoch, total / max(1, batches))
+    with warnings.catch_warnings():
+        # The first layer's input needs no gradient; Opacus's hooks still get what they need.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for epoch in range(epochs):
+            total, batches = 0.0, 0
+            for batch_images, batch_labels in private_loader:
+                private_optimizer.zero_grad(set_to_none=True)
+                # An empty Poisson batch is a step too: zero per-sample gradients, noise, accounted.
+                loss = F.cross_entropy(
+                    private_model(batch_images).logits, batch_labels, reduction="sum"
+                ) / max(1, batch_images.shape[0])
+                loss.backward()
+                private_optimizer.step()
+                scheduler.step()
+                if batch_images.shape[0] > 0:
+                    total += loss.item()
+                    batches += 1
+            if on_epoch is not None:
+                on_epoch(epoch, total / max(1, batches))
     private_model.remove_hooks()
     model.eval()
     history = list(engine.accountant.history)
@@ -161,7 +177,7 @@ def train_private_classifier(
         images,
         settings.statistics_clip,
         calibration.statistics_noise_multiplier,
-        torch.Generator().manual_seed(seed + 2),
+        unpredictable_generator(),
     )
     epsilon = composed_epsilon(
         calibration.noise_multiplier,
