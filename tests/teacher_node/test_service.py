@@ -68,7 +68,19 @@ def test_metadata_states_the_owner_choices(inprocess_node, dev_pki) -> None:
             "remaining_budget",
             "has_bn_prior",  # a yes/no, not the layers or their statistics
             "max_image_side",
+            "privacy",  # the DP guarantee's parameters, not data
         }
+        assert set(teacher_pb2.Privacy.DESCRIPTOR.fields_by_name) == {
+            "mechanism",
+            "epsilon",
+            "delta",
+            "accountant",
+            "max_grad_norm",
+            "noise_multiplier",
+            "statistics_noise_multiplier",
+        }
+        assert not remote.metadata.HasField("privacy")  # a teacher trained without DP
+        assert remote.info().privacy is None
         assert remote.metadata.has_bn_prior
         assert remote.metadata.max_image_side == 2 * max(SHAPE[1:])  # the default
         with pytest.raises(TeacherRefused, match=r"does not allow \['bn_loss'\]"):
