@@ -1,6 +1,8 @@
 """Privacy against utility: the same distillation under each owner choice, at equal query budgets.
 
     python bench/privacy.py --out DIR [--quick] [--budget-iterations N]
+    python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-min M]
+        [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
@@ -8,6 +10,15 @@ budget of ``N`` iterations of the full protocol, so that black-box rows (whose z
 gradient estimate costs queries) run fewer iterations. Rows: full; no_features; Gaussian logit
 noise at three sigmas; one teacher logits_only; all logits_only. Writes DIR/privacy.json and
 appends a table to bench/RESULTS.md.
+
+``--epsilon-table``: utility against epsilon. For each epsilon, three owners train teachers on
+disjoint thirds of Fashion-MNIST with differential privacy (``cdfkd teacher train
+--dp-epsilon``: LeNet-5-GN, DP-SGD, released prior statistics, delta 1e-5), and CDFKD-MFS
+distills them for the same wall-clock budget (``--distill-min``, 15 by default). ``inf`` is
+the non-private reference: the usual LeNet-5-BN teachers. Reports each teacher's test
+accuracy, the ensemble's, and the student's (mean of headers). Writes DIR/epsilon_table.json
+and appends a table to bench/RESULTS.md. Teachers are served in-process: the guarantee does
+not depend on the transport, and the mTLS path is the first table's (and the tests').
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import sys
 import time
 from contextlib import ExitStack
@@ -35,6 +47,8 @@ from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
+from cdfkd.teacher_node.privacy import PrivacySettings  # noqa: E402
+from cdfkd.teacher_node.training import TeacherJob  # noqa: E402
 
 logger = logging.getLogger("bench.privacy")
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -137,15 +151,144 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
     }
 
 
+def dp_jobs(epsilon: float, delta: float, epochs: int, batch_size: int) -> list[TeacherJob]:
+    """Three DP owners on disjoint thirds of Fashion-MNIST at (epsilon, delta)."""
+    return [
+        TeacherJob(
+            name=f"dp-eps{epsilon:g}-{i + 1}",
+            shard=i,
+            num_shards=3,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=i,
+            privacy=PrivacySettings(epsilon=epsilon, delta=delta),
+        )
+        for i in range(3)
+    ]
+
+
+def epsilon_row(epsilon: float, packages: list[Path], out: Path, budget_s: float) -> dict:
+    """Distill one federation for ``budget_s`` seconds; its teachers' guarantees and accuracy."""
+    from bench.quality import Plan, run_method
+    from cdfkd.student_node.config import Method
+    from cdfkd.teacher_node.package import read_metadata
+
+    metadata = [read_metadata(p) for p in packages]
+    run = run_method(Method.CDFKD_MFS, packages, out, Plan(budget_s=budget_s))
+    return {
+        "epsilon": None if math.isinf(epsilon) else epsilon,
+        "teacher_epsilons": [None if m.privacy is None else m.privacy.epsilon for m in metadata],
+        "noise_multipliers": [
+            None if m.privacy is None else m.privacy.noise_multiplier for m in metadata
+        ],
+        "architecture": metadata[0].spec.architecture.value if metadata[0].spec else "owner",
+        "teachers": run["teachers"],
+        "teacher_ensemble": run["teacher_ensemble"],
+        "student_mean": run["mean"],
+        "student_headers": run["headers"],
+        "iterations": run["iterations"],
+        "train_seconds": run["train_seconds"],
+    }
+
+
+def epsilon_table(args: argparse.Namespace) -> None:
+    """Utility against epsilon (``--epsilon-table``)."""
+    started = time.monotonic()
+    minutes = args.distill_min if args.distill_min is not None else (1 if args.quick else 15)
+    budget_s = 60 * minutes
+    dp_epochs = args.dp_epochs if args.dp_epochs is not None else (1 if args.quick else 8)
+    teacher_epochs = 1 if args.quick else args.teacher_epochs
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for epsilon in args.epsilons:
+        if math.isinf(epsilon):
+            packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(teacher_epochs))
+        else:
+            jobs = dp_jobs(epsilon, args.delta, dp_epochs, args.dp_batch_size)
+            packages = ensure_teachers(args.out / "dp-teachers", jobs)
+        rows.append(epsilon_row(epsilon, packages, args.out / f"eps-{epsilon:g}", budget_s))
+    report = {
+        "delta": args.delta,
+        "dp_epochs": dp_epochs,
+        "dp_batch_size": args.dp_batch_size,
+        "teacher_epochs_non_private": teacher_epochs,
+        "distill_seconds": budget_s,
+        "quick": args.quick,
+        "rows": rows,
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    (args.out / "epsilon_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    with RESULTS.open("a") as handle:
+        handle.write(epsilon_markdown(args, report))
+    print(json.dumps(report, indent=2))
+
+
+def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
+    """The RESULTS.md table of an ``--epsilon-table`` run."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python bench/privacy.py", *sys.argv[1:]])
+    kind = "smoke run (--quick: too short to judge the targets)" if args.quick else "full run"
+    reference = next((r for r in report["rows"] if r["epsilon"] is None), None)
+    lines = [
+        f"\n### Utility against epsilon, {stamp}: {kind}\n",
+        f"Command: `{command}`; {report['total_seconds'] / 60:.0f} min in all. Three owners on "
+        f"disjoint thirds of Fashion-MNIST; DP teachers: LeNet-5-GN, DP-SGD for "
+        f"{report['dp_epochs']} epochs at batch {report['dp_batch_size']}, delta "
+        f"{report['delta']:g}, epsilon covering training and the released prior statistics "
+        f"(PRV accountant); epsilon inf: the non-private LeNet-5-BN teachers "
+        f"({report['teacher_epochs_non_private']} epochs). CDFKD-MFS, "
+        f"{report['distill_seconds'] / 60:.0f} min of distillation each, in-process teachers; "
+        "accuracy on the 10,000 test images.\n",
+        "| epsilon (accountant's, per teacher) | noise multiplier | teachers % | ensemble % | "
+        "student, mean of headers % | vs. non-private student | iterations |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        epsilons = (
+            "inf (no DP)"
+            if row["epsilon"] is None
+            else f"{row['epsilon']:g} ({', '.join(f'{e:.3f}' for e in row['teacher_epsilons'])})"
+        )
+        noise = (
+            "-"
+            if row["epsilon"] is None
+            else ", ".join(f"{n:.2f}" for n in row["noise_multipliers"])
+        )
+        gap = (
+            "-"
+            if reference is None or row is reference
+            else f"{100 * (row['student_mean'] - reference['student_mean']):+.2f} points"
+        )
+        lines.append(
+            f"| {epsilons} | {noise} | {' / '.join(f'{100 * t:.2f}' for t in row['teachers'])} "
+            f"| {100 * row['teacher_ensemble']:.2f} | {100 * row['student_mean']:.2f} | {gap} | "
+            f"{row['iterations']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="a budget of 30 full iterations")
     parser.add_argument("--budget-iterations", type=int, default=200)
     parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument(
+        "--epsilon-table", action="store_true", help="utility against epsilon (DP teachers)"
+    )
+    parser.add_argument(
+        "--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf], metavar="E"
+    )
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--distill-min", type=float, help="default 15; 1 with --quick")
+    parser.add_argument("--dp-epochs", type=int, help="DP-SGD epochs (default 8; 1 with --quick)")
+    parser.add_argument("--dp-batch-size", type=int, default=256)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
+    if args.epsilon_table:
+        epsilon_table(args)
+        return
     iterations = 30 if args.quick else args.budget_iterations
     budget = iterations * images_per_iteration(train_config(1), black_box=False)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from scipy.stats import norm
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.errors import ExitCode
 from cdfkd.coordinator.nodes import TeacherNodeProcess
+from cdfkd.student_node.artifact import load_student
+from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig
 from cdfkd.teacher_node.data_sources import load_train_and_test
 from cdfkd.teacher_node.datasets import DatasetName, Normalization
@@ -174,6 +176,18 @@ def test_a_dp_teacher_serves_over_mtls_and_a_distillation_runs(
             answer = remote.query(images, features=False, bn_loss=True)
             assert answer.bn_loss is not None
             assert float(answer.bn_loss) > 0
+            # The node computes what the same package computes in-process, released prior
+            # included, bit for bit.
+            local = InProcessTeacher.from_package(dp_package)
+            assert local.info().privacy == info.privacy
+            expected = local.query(images, features=False, bn_loss=True)
+            assert torch.equal(answer.logits, expected.logits)
+            assert torch.equal(answer.bn_loss, expected.bn_loss)
+            cotangent = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(
+                remote.input_grad(images, cotangent, 0.05),
+                local.input_grad(images, cotangent, 0.05),
+            )
         finally:
             remote.close()
 
@@ -187,6 +201,9 @@ def test_a_dp_teacher_serves_over_mtls_and_a_distillation_runs(
     summary = json.loads((out / "result.json").read_text())
     assert summary["iterations"] == 6
     assert summary["teacher_privacy"][0]["epsilon"] == guarantee.epsilon
+    # The student's own record names the guarantee it was distilled under (no teacher data).
+    _, _, _, infos = load_student(out / "student")
+    assert infos[0].privacy == info.privacy
     report = (out / "report.md").read_text()
     assert f"teacher 0: ({guarantee.epsilon:.3g}, 1e-05)-DP on its owner's training records" in (
         report
