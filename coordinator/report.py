@@ -147,7 +147,7 @@ def describe_guarantee(privacy: dict[str, Any] | None) -> str:
 def _privacy_lines(summary: dict[str, Any]) -> list[str]:
     """Each teacher's differential-privacy guarantee, as its owner states it."""
     guarantees = summary.get("teacher_privacy") or [None] * len(summary["teacher_parameters"])
-    lines = ["Teachers' privacy guarantees (stated by each owner's node):", ""]
+    lines = ["Teachers' privacy guarantees (as each owner's node or package states them):", ""]
     for index, privacy in enumerate(guarantees):
         lines.append(f"- teacher {index}: {describe_guarantee(privacy)}")
     return [*lines, ""]
