@@ -41,10 +41,11 @@ logger = logging.getLogger(__name__)
 
 
 def unpredictable_generator() -> torch.Generator:
-    """A generator for privacy noise, seeded from the OS's entropy, never from ``--seed``.
+    """A generator for privacy noise and sampling, seeded from the OS's entropy, never ``--seed``.
 
     Noise drawn from a known seed could be regenerated and subtracted (the released statistics
-    would become exact), so no seed the owner passes, defaults or records reaches it.
+    would become exact), and a known Poisson sample voids the amplification by subsampling the
+    accountant counts on; so no seed the owner passes, defaults or records reaches them.
     """
     return torch.Generator().manual_seed(secrets.randbits(63))
 
@@ -98,8 +99,9 @@ def train_private_classifier(
         epochs: Passes over the data (in expectation: Poisson sampling).
         batch_size: Expected records per step.
         learning_rate: Adam's learning rate.
-        seed: Seeds the Poisson sampling; the noise is unpredictable
-            (:func:`unpredictable_generator`).
+        seed: Recorded for the caller's bookkeeping; it seeds neither the Poisson sampling
+            nor the noise, which are unpredictable (:func:`unpredictable_generator`). The
+            initialization (public, as DP-SGD assumes) is seeded by the caller.
         settings: The owner's (epsilon, delta) and clipping bounds.
         on_epoch: Called with (epoch, mean training loss).
 
@@ -123,10 +125,13 @@ def train_private_classifier(
         calibration.statistics_noise_multiplier,
         calibration.epsilon,
     )
-    generator = torch.Generator().manual_seed(seed)
     images = normalization.apply(train.images)
+    # Poisson sampling amplifies privacy only if nobody can tell which records a step used: its
+    # generator is as unpredictable as the noise (Opacus takes the loader's generator).
     loader = DataLoader(
-        TensorDataset(images, train.labels), batch_size=batch_size, generator=generator
+        TensorDataset(images, train.labels),
+        batch_size=batch_size,
+        generator=unpredictable_generator(),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     with warnings.catch_warnings():

@@ -107,6 +107,13 @@ def test_a_training_runs_epsilon_matches_the_closed_form(tmp_path: Path) -> None
     assert privacy.epsilon <= 3.0
     assert privacy.accountant == "prv"
 
+    # The attacker's replay: the same job, the same --seed. Were the noise seeded by it, the
+    # released statistics would repeat and the noise could be regenerated and subtracted.
+    again = train_teacher_package(job, tmp_path / "same-seed")
+    assert again.privacy == privacy  # the same calibration and accounting...
+    assert again.released_statistics != metadata.released_statistics  # ...fresh noise
+    assert again.weights_sha256 != metadata.weights_sha256
+
 
 @pytest.mark.slow
 def test_a_dp_package_holds_no_unnoised_statistics(dp_package: Path) -> None:
