@@ -116,6 +116,19 @@ def test_a_training_runs_epsilon_matches_the_closed_form(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_federation_check_shows_a_local_dp_packages_guarantee(
+    dp_package: Path, tmp_path: Path, capsys
+) -> None:
+    guarantee = read_metadata(dp_package).privacy
+    assert guarantee is not None
+    config = write_toml(tmp_path / "run.toml", small_run([{"package": str(dp_package)}]))
+    assert main(["federation", "check", "--config", str(config)]) == ExitCode.OK
+    table = capsys.readouterr().out
+    assert "privacy" in table.splitlines()[0]
+    assert f"({guarantee.epsilon:.3g}, 1e-05)-DP (dp-sgd, prv accountant)" in table
+
+
+@pytest.mark.slow
 def test_a_dp_package_holds_no_unnoised_statistics(dp_package: Path) -> None:
     raw = json.loads((dp_package / "teacher.json").read_text())
     assert set(raw) <= DP_METADATA_KEYS
