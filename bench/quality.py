@@ -315,6 +315,15 @@ def _spec(
     }
 
 
+def _trial(spec: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "setting": spec["setting"],
+        "validation_accuracy": figures["accuracy"],
+        "iterations": figures["iterations"],
+        "seconds": figures["train_seconds"],
+    }
+
+
 def tune_cell(
     plan: Plan, federation: str, cell: Cell, packages: list[Path]
 ) -> tuple[Setting, list[dict[str, Any]]]:
@@ -323,31 +332,36 @@ def tune_cell(
 
     settings = settings_for(cell.objective, plan.grid)
     specs = [_spec(plan, federation, "tune", cell, s, 0, packages) for s in settings]
-    tuner = tune.Tuner(
-        tune.with_resources(tune_trial, {"cpu": plan.threads}),
-        param_space={"spec": tune.grid_search(specs)},
-        tune_config=tune.TuneConfig(metric="accuracy", mode="max", max_concurrent_trials=1),
-        run_config=tune.RunConfig(
-            name=f"{federation}-{cell.name.replace('/', '__')}",
-            storage_path=str((plan.out / "tune").resolve()),
-            verbose=0,
-        ),
-    )
-    results = tuner.fit()
     trials = []
-    for index in range(len(results)):
-        result = results[index]
-        if result.error is not None:
-            raise RuntimeError(f"{federation} {cell.name}: a tuning trial failed") from result.error
-        spec, metrics = (result.config or {})["spec"], result.metrics or {}
-        trials.append(
-            {
-                "setting": spec["setting"],
-                "validation_accuracy": metrics["accuracy"],
-                "iterations": metrics["iterations"],
-                "seconds": metrics["train_seconds"],
-            }
+    pending = []
+    for spec in specs:
+        if plan.reuse and finished_run(Path(spec["out"]), _run_config(spec)) is not None:
+            figures = run_once(spec)  # reads the finished run's result.json, trains nothing
+            trials.append(_trial(spec, figures))
+        else:
+            pending.append(spec)
+    if pending:
+        tuner = tune.Tuner(
+            tune.with_resources(tune_trial, {"cpu": plan.threads}),
+            param_space={"spec": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(metric="accuracy", mode="max", max_concurrent_trials=1),
+            run_config=tune.RunConfig(
+                name=f"{federation}-{cell.name.replace('/', '__')}",
+                storage_path=str((plan.out / "tune").resolve()),
+                verbose=0,
+            ),
         )
+        results = tuner.fit()
+        for index in range(len(results)):
+            result = results[index]
+            if result.error is not None:
+                raise RuntimeError(f"{federation} {cell.name}: a tuning trial failed") from (
+                    result.error
+                )
+            trials.append(_trial((result.config or {})["spec"], result.metrics or {}))
+    # Ties go to the earlier grid point (the grid's order, not the trials' finishing order).
+    rank = {json.dumps(s.to_json(), sort_keys=True): i for i, s in enumerate(settings)}
+    trials.sort(key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
     best = max(trials, key=lambda t: t["validation_accuracy"])
     chosen = Setting(**best["setting"])
     logger.info(
