@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_quality_json_schema_and_table() -> None:
     methods = methods_summary(records)
     assert set(methods) == {"kd_real", "dfad", "cdfkd", "cdfkd_mfs_mean"}
     assert methods["dfad"] == records[4]["accuracy_mean"]
-    report = {
+    report: dict[str, Any] = {
         "methods": methods,
         "protocol": {"validation_samples": 5000, "seeds": [0, 1], "grid": {}, "chosen": {}},
         "cells": records,
