@@ -518,9 +518,9 @@ def main() -> None:
         check_report(report)
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    kind = "smoke run (--quick: tiny budgets, not a result)" if quick else "protocol run"
+    kind = "smoke run, --quick: tiny budgets, not a result" if quick else "protocol run"
     header = (
-        f"\n### Quality ({kind}), {stamp}\n\nCommand: `python bench/quality.py "
+        f"\n### Quality, {kind}, {stamp}\n\nCommand: `python bench/quality.py "
         f"{shlex.join(sys.argv[1:])}`; {torch.get_num_threads()} CPU threads, device cpu. "
         f"Validation: {report['protocol']['validation_samples']} images held out of the "
         f"training split (seed {VALIDATION_SEED}) before the owners' shards; test split read "
