@@ -1,12 +1,32 @@
-"""Quality benchmark: every method gets the same wall-clock budget on the same machine.
+"""Quality benchmark: objective x student cells, tuned on a validation split, several seeds.
 
-    python bench/quality.py --out DIR [--budget-min M] [--quick] [--reuse]
-        [--train JSON] [--decay-at FRACTION ...] [--schedule step|cosine]
+    python bench/quality.py --out DIR [--quick] [--reuse] [--seeds N] [--iterations I]
+        [--tune-iterations I] [--validation-samples N] [--federations NAME ...] [--cells NAME ...]
 
-Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST (cached in DIR/teachers); each
-method trains from scratch for the budget and is evaluated on the full test split. Writes
-DIR/quality.json and appends a table to bench/RESULTS.md, with a second table for a
-heterogeneous federation (LeNet-5-BN + two different ResNets) unless --no-hetero.
+Protocol (``bench/quality_protocol.py`` holds its pure parts):
+
+1. Data. ``--validation-samples`` images (seed 18) are held out of Fashion-MNIST's training split
+   *first*; the owners' data are the rest (``DIR/data/owners``), cut into three shards for the
+   teachers (disjoint thirds, or Dirichlet(0.3) label-skewed shards). Tuning runs are scored on
+   the held-out images (``DIR/data/validation``); the test split (``DIR/data/final``) is read
+   once per finished final run and never for a choice.
+2. Federations: ``homogeneous`` (three LeNet-5-BN on IID thirds), ``heterogeneous``
+   (LeNet-5-BN, ResNet-8 w8, ResNet-14 w6), ``label_skewed`` (three LeNet-5-BN on Dirichlet
+   shards, alpha 0.3, seed 0). Teachers are cached in ``DIR/teachers`` by their job's hash.
+3. Cells (per federation): ``{cdfkd_mfs, cdfkd} x {mfs, simple_multi_header}``, ``dfad`` on
+   the single head and on a single head of the MFS student's inference size, ``kd_real`` on
+   both multi-header families.
+4. Tuning: every cell runs the same grid (student lr, generator lr, BN-prior weight; DFAD also
+   its authors' recipes) for ``--tune-iterations``, one Ray Tune trial per point (local Ray,
+   one trial at a time); the best validation accuracy wins.
+5. Final: the winner runs ``--iterations`` for each of ``--seeds`` seeds; accuracy on the test
+   split, mean and standard deviation over seeds.
+
+Budgets are iterations (K = 5 student steps and one generator step each; kd_real's K steps
+read real batches), so every method sends the teachers the same number of query batches, and
+a loaded machine changes the seconds, not the result. ``--reuse`` keeps every finished run
+(same settings, same budget) under ``--out``, so a long run resumes across sessions. Writes
+``DIR/quality.json`` and appends the tables to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,378 +36,505 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
+import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import torch
 
-from cdfkd.coordinator.config import (
-    DataConfig,
-    PackageTeacher,
-    RunConfig,
-    RunSettings,
-    dump_run_config,
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.quality_protocol import (  # noqa: E402
+    BASE_TRAIN,
+    DECAY_AT,
+    QUICK_GRID,
+    Budget,
+    Cell,
+    Grid,
+    Setting,
+    build_cells,
+    cell_record,
+    check_report,
+    digest,
+    markdown_federation,
+    matched_widths,
+    methods_summary,
+    settings_for,
+    student_parameters,
+    train_settings,
 )
-from cdfkd.coordinator.training_run import run_training
-from cdfkd.student_node.config import Method, TrainConfig
-from cdfkd.teacher_node.datasets import DatasetName
-from cdfkd.teacher_node.package import read_metadata
-from cdfkd.teacher_node.training import TeacherJob, train_teacher_package
+from cdfkd.coordinator.config import DataConfig, PackageTeacher, RunConfig, RunSettings  # noqa: E402
+from cdfkd.coordinator.training_run import run_training  # noqa: E402
+from cdfkd.student_node.config import StudentKind, TrainConfig  # noqa: E402
+from cdfkd.teacher_node.datasets import Split, load_fashion_mnist  # noqa: E402
+from cdfkd.teacher_node.package import read_metadata  # noqa: E402
+from cdfkd.teacher_node.training import Partition, TeacherJob, train_teacher_package  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-#: Tuned for 2 CPU cores and a budget of minutes (see bench/RESULTS.md for the reasoning).
-BASE_TRAIN: dict[str, Any] = {
-    "batch_size": 128,
-    "iterations_per_epoch": 25,
-    "generator": {"latent_dim": 256, "width": 8},
-    "attention": {"samples": 60},
+VALIDATION_SEED = 18
+DIRICHLET_ALPHA = 0.3
+FEDERATIONS = ("homogeneous", "heterogeneous", "label_skewed")
+TITLES = {
+    "homogeneous": "Homogeneous: three LeNet-5-BN teachers on disjoint IID thirds",
+    "heterogeneous": "Heterogeneous: LeNet-5-BN + ResNet-8 (w8) + ResNet-14 (w6), IID thirds",
+    "label_skewed": f"Label-skewed: three LeNet-5-BN on Dirichlet({DIRICHLET_ALPHA}) shards",
 }
-#: Learning rates drop x0.1 at these fractions of the budget (METHOD.md: epochs 100, 200 of 300).
-MILESTONE_FRACTIONS = (2 / 3,)
 
 
-def homogeneous_jobs(epochs: int) -> list[TeacherJob]:
+# Teachers ------------------------------------------------------------------------------------
+
+
+def homogeneous_jobs(
+    epochs: int, data: Path | None = None, partition: Partition = Partition.IID
+) -> list[TeacherJob]:
+    """Three LeNet-5-BN owners (``data``: their files; None: all of Fashion-MNIST's train)."""
     return [
-        TeacherJob(name=f"lenet-{i + 1}", shard=i, num_shards=3, epochs=epochs, seed=i)
+        TeacherJob(
+            name=f"lenet-{i + 1}",
+            data=data,
+            shard=i,
+            num_shards=3,
+            partition=partition,
+            alpha=DIRICHLET_ALPHA,
+            epochs=epochs,
+            seed=i,
+        )
         for i in range(3)
     ]
 
 
-def heterogeneous_jobs(epochs: int) -> list[TeacherJob]:
+def heterogeneous_jobs(epochs: int, data: Path | None = None) -> list[TeacherJob]:
+    """LeNet-5-BN, ResNet-8 (w8), ResNet-14 (w6) on IID thirds."""
+    common: dict[str, Any] = {"data": data, "num_shards": 3, "epochs": epochs}
     return [
-        TeacherJob(name="lenet-1", shard=0, num_shards=3, epochs=epochs, seed=0),
+        TeacherJob(name="lenet-1", shard=0, seed=0, **common),
         TeacherJob(
-            name="resnet8-w8",
-            architecture="resnet",
-            depth=1,
-            width=8,
-            shard=1,
-            num_shards=3,
-            epochs=epochs,
-            seed=1,
+            name="resnet8-w8", architecture="resnet", depth=1, width=8, shard=1, seed=1, **common
         ),
         TeacherJob(
-            name="resnet14-w6",
-            architecture="resnet",
-            depth=2,
-            width=6,
-            shard=2,
-            num_shards=3,
-            epochs=epochs,
-            seed=2,
+            name="resnet14-w6", architecture="resnet", depth=2, width=6, shard=2, seed=2, **common
         ),
     ]
 
 
-def ensure_teachers(root: Path, jobs: list[TeacherJob]) -> list[Path]:
+def federation_jobs(name: str, epochs: int, data: Path) -> list[TeacherJob]:
+    """The teacher jobs of federation ``name`` on the owners' files ``data``."""
+    match name:
+        case "homogeneous":
+            return homogeneous_jobs(epochs, data)
+        case "heterogeneous":
+            return heterogeneous_jobs(epochs, data)
+        case "label_skewed":
+            return homogeneous_jobs(epochs, data, Partition.DIRICHLET)
+    raise ValueError(f"unknown federation {name!r}")
+
+
+def ensure_teachers(root: Path, jobs: list[TeacherJob], keyed: bool = False) -> list[Path]:
+    """Train the jobs' teachers unless cached; ``keyed``: folders named by the job's hash."""
     packages = []
     for job in jobs:
-        directory = root / job.name
+        name = f"{job.name}-{digest(job.model_dump(mode='json'))}" if keyed else job.name
+        directory = root / name
         if not (directory / "teacher.json").exists():
             train_teacher_package(job, directory)
         packages.append(directory)
     return packages
 
 
-class WallClockSchedule:
-    """Multiplies both learning rates by ``gamma`` once ``fraction`` of the budget has elapsed.
-
-    A budget in seconds on a shared, noisy machine does not map to a fixed iteration count, so
-    the benchmark decays by elapsed time (METHOD.md decays at epochs 100 and 200 of 300).
-    """
-
-    def __init__(self, budget_s: float, fractions: tuple[float, ...], gamma: float = 0.1) -> None:
-        self.started = time.monotonic()
-        self.pending = sorted(f * budget_s for f in fractions)
-        self.gamma = gamma
-        self.decayed_at: list[int] = []
-
-    def __call__(self, state, metrics) -> None:  # noqa: D102 - a TrainCallback
-        while self.pending and time.monotonic() - self.started >= self.pending[0]:
-            self.pending.pop(0)
-            for optimizer in (state.student_optimizer, state.generator_optimizer):
-                for group in optimizer.param_groups:
-                    group["lr"] *= self.gamma
-            self.decayed_at.append(metrics.iteration)
+# Data ----------------------------------------------------------------------------------------
 
 
-class WallClockCosine:
-    """Sets both learning rates to ``base * (floor + (1 - floor) * (1 + cos(pi t / T)) / 2)``.
-
-    t is the elapsed and T the budgeted wall-clock time, so the rates reach ``floor * base`` as
-    the budget runs out, whatever the iteration count turns out to be.
-    """
-
-    def __init__(self, budget_s: float, floor: float = 0.01) -> None:
-        self.started = time.monotonic()
-        self.budget_s = budget_s
-        self.floor = floor
-        self.base: dict[int, float] = {}
-        self.decayed_at: list[int] = []  # no steps: the rates change every iteration
-
-    def __call__(self, state, metrics) -> None:  # noqa: D102 - a TrainCallback
-        progress = min(1.0, (time.monotonic() - self.started) / self.budget_s)
-        factor = self.floor + (1 - self.floor) * (1 + math.cos(math.pi * progress)) / 2
-        for optimizer in (state.student_optimizer, state.generator_optimizer):
-            for group in optimizer.param_groups:
-                base = self.base.setdefault(id(group), group["lr"])
-                group["lr"] = base * factor
+def _write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """[0, 1] float images (N, C, H, W) as the uint8 (N, H, W, C) ``.npz`` the readers take."""
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=pixels, labels=labels.numpy())
 
 
-def reused_run(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
-    """A finished run's figures from its `result.json`, if it ran its whole budget with ``config``.
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
 
-    The schedule is a callback, not part of the config: ``--reuse`` trusts the caller there.
-    """
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved["train_seconds"] < 0.98 * (config.run.max_seconds or 0.0):
-        return None
-    ran = json.loads((run_dir / "config.json").read_text())["train"]
-    if ran != json.loads(dump_run_config(config))["train"]:
-        logger.info("%s: not reusing %s, it ran other settings", saved["method"], run_dir)
-        return None
-    logger.info("%s: reusing the finished run in %s", saved["method"], run_dir)
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """The three data folders (each with ``train.npz`` and ``test.npz``)."""
+
+    owners: Path  # train: owners' data (teachers, kd_real, attention); test: the test split
+    validation: Path  # train: owners' data; test: the held-out validation images
+    final: Path  # train: owners' data; test: the test split
+
+
+def prepare_data(root: Path, validation_samples: int, test_samples: int | None) -> DataPaths:
+    """Hold ``validation_samples`` out of the training split first, then write the folders."""
+    paths = DataPaths(root / "owners", root / "validation", root / "final")
+    stamp = root / "split.json"
+    wanted = {
+        "validation_samples": validation_samples,
+        "validation_seed": VALIDATION_SEED,
+        "test_samples": test_samples,
+    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return paths
+    train = load_fashion_mnist(Split.TRAIN)
+    test = load_fashion_mnist(Split.TEST)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held, rest = order[:validation_samples].sort().values, order[validation_samples:].sort().values
+    _write_npz(paths.owners / "train.npz", train.images[rest], train.labels[rest])
+    count = len(test) if test_samples is None else min(test_samples, len(test))
+    _write_npz(paths.owners / "test.npz", test.images[:count], test.labels[:count])
+    _write_npz(paths.validation / "test.npz", train.images[held], train.labels[held])
+    for folder in (paths.validation, paths.final):
+        _link(paths.owners / "train.npz", folder / "train.npz")
+    _link(paths.owners / "test.npz", paths.final / "test.npz")
+    stamp.write_text(json.dumps(wanted) + "\n")
+    return paths
+
+
+# Runs ----------------------------------------------------------------------------------------
+
+
+def _run_config(spec: dict[str, Any]) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(files=Path(spec["data"]), eval_samples=10),
+        teachers=tuple(PackageTeacher(package=Path(p)) for p in spec["teachers"]),
+        train=TrainConfig.model_validate(spec["train"]),
+        run=RunSettings(
+            device="cpu",
+            checkpoint_every=10**6,
+            eval_every=10**6,  # no evaluation during training: the split is read once, at the end
+            log_every=10**6,
+            threads=spec.get("threads", 2),
+        ),
+    )
+
+
+def _figures(summary: dict[str, Any], seed: int) -> dict[str, Any]:
     return {
-        "mean": saved["student_accuracy_mean"],
-        "attention": saved["student_accuracy_attention"],
-        "headers": saved["student_header_accuracies"],
-        "iterations": saved["iterations"],
-        "decayed_at_iteration": None,
-        "seconds_per_iteration": round(saved["train_seconds"] / max(1, saved["iterations"]), 3),
-        "train_seconds": saved["train_seconds"],
-        "student_parameters": saved["student_parameters"],
-        "teachers": saved["teacher_accuracies"],
-        "teacher_ensemble": saved["teacher_ensemble_accuracy"],
-        "reused": True,
+        "seed": seed,
+        "accuracy": summary["student_accuracy_mean"],
+        "attention": summary["student_accuracy_attention"],
+        "headers": summary["student_header_accuracies"],
+        "iterations": summary["iterations"],
+        "train_seconds": summary["train_seconds"],
+        "parameters": summary["student_parameters"],
+        "parameters_inference": summary["student_parameters_inference"],
+        "teachers": summary["teacher_accuracies"],
+        "teacher_ensemble": summary["teacher_ensemble_accuracy"],
     }
 
 
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merged(merged[key], value) if both_tables else value
-    return merged
+def finished_run(out: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The ``result.json`` of a run in ``out`` that did its whole budget with ``config``."""
+    result, saved = out / "result.json", out / "config.json"
+    if not (result.is_file() and saved.is_file()):
+        return None
+    summary = json.loads(result.read_text())
+    same = json.loads(saved.read_text()) == json.loads(config.model_dump_json(exclude_none=True))
+    whole = summary.get("iterations") == config.train.total_iterations
+    if not (same and whole and "student_parameters_inference" in summary):
+        return None
+    return summary
+
+
+def run_once(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training run described by ``spec`` (JSON-able, so a Ray Tune trial can carry it)."""
+    torch.set_num_threads(spec.get("threads", 2))
+    config = _run_config(spec)
+    out = Path(spec["out"])
+    seed = config.train.seed
+    if spec.get("reuse") and (saved := finished_run(out, config)) is not None:
+        logger.info("reusing %s", out)
+        return {**_figures(saved, seed), "reused": True}
+    if out.exists():
+        shutil.rmtree(out)
+    result = run_training(config, out, show_progress=False)
+    return {**_figures(result.summary(), seed), "reused": False}
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """A Ray Tune trial: one tuning run, reporting its validation accuracy."""
+    from ray import tune
+
+    figures = run_once(config["spec"])
+    tune.report(
+        {
+            "accuracy": figures["accuracy"],
+            "train_seconds": figures["train_seconds"],
+            "iterations": figures["iterations"],
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How every method of one federation runs."""
+    """Everything a protocol run needs besides the federation."""
 
-    budget_s: float
-    reuse: bool = False
-    #: Merged into ``BASE_TRAIN`` for every method (``--train``).
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    fractions: tuple[float, ...] = MILESTONE_FRACTIONS
-    #: "step" (x0.1 at ``fractions``) or "cosine" (over the budget).
-    schedule: Literal["step", "cosine"] = "step"
-
-    def settings(self) -> dict[str, Any]:
-        """The training settings every method shares: ``BASE_TRAIN`` with the overrides."""
-        return _merged(BASE_TRAIN, self.overrides)
-
-    def learning_rates(self) -> str:
-        """How the learning rates move over a budget, in words."""
-        if self.schedule == "cosine":
-            return "cosine over each budget"
-        return f"x0.1 at {', '.join(f'{f:.3g}' for f in self.fractions)} of each budget"
-
-    def new_schedule(self) -> WallClockSchedule | WallClockCosine:
-        """A fresh wall-clock schedule callback for one run (it starts its clock now)."""
-        if self.schedule == "cosine":
-            return WallClockCosine(self.budget_s)
-        return WallClockSchedule(self.budget_s, self.fractions)
+    out: Path
+    data: DataPaths
+    grid: Grid
+    tune_budget: Budget
+    final_budget: Budget
+    seeds: tuple[int, ...]
+    reuse: bool
+    base: dict[str, Any]
+    threads: int = 2
 
 
-def run_method(method: Method, packages: list[Path], out: Path, plan: Plan) -> dict[str, Any]:
-    budget_s = plan.budget_s
-    fixed = {"method": method, "epochs": 100_000, "optimizer": {"milestones": [100_000]}}
-    train = TrainConfig.model_validate(_merged(plan.settings(), fixed))
-    config = RunConfig(
-        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-        teachers=tuple(PackageTeacher(package=p) for p in packages),
-        train=train,
-        run=RunSettings(
-            device="cpu", max_seconds=budget_s, checkpoint_every=10**6, eval_every=50, log_every=50
-        ),
-    )
-    if plan.reuse and (saved := reused_run(out / method.value, config)) is not None:
-        return saved
-    logger.info("%s: %.0f s, learning rates %s", method.value, budget_s, plan.learning_rates())
-    schedule = plan.new_schedule()
-    result = run_training(config, out / method.value, callbacks=[schedule])
-    return {
-        "mean": result.student.mean,
-        "attention": result.student.attention,
-        "headers": result.student.headers,
-        "iterations": result.iterations,
-        "decayed_at_iteration": schedule.decayed_at,
-        "seconds_per_iteration": round(result.train_seconds / max(1, result.iterations), 3),
-        "train_seconds": round(result.train_seconds, 1),
-        "student_parameters": result.student_parameters,
-        "teachers": result.teachers.teachers,
-        "teacher_ensemble": result.teachers.ensemble,
-    }
-
-
-def federation(
-    name: str,
-    jobs: list[TeacherJob],
-    methods: list[Method],
-    out: Path,
+def _spec(
     plan: Plan,
+    federation: str,
+    phase: str,
+    cell: Cell,
+    setting: Setting,
+    seed: int,
+    packages: list[Path],
 ) -> dict[str, Any]:
-    packages = ensure_teachers(out / "teachers", jobs)
-    runs = {m.value: run_method(m, packages, out / name, plan) for m in methods}
-    any_run = next(iter(runs.values()))
-    summary: dict[str, Any] = {
-        "teachers": any_run["teachers"],
-        "teacher_names": [read_metadata(p).name for p in packages],
-        "teacher_ensemble": any_run["teacher_ensemble"],
-        "budget_s": plan.budget_s,
-        "methods": {},
-        "runs": runs,
+    budget = plan.tune_budget if phase == "tune" else plan.final_budget
+    data = plan.data.validation if phase == "tune" else plan.data.final
+    train = train_settings(cell, setting, budget, seed, plan.base)
+    folder = plan.out / "runs" / federation / phase / cell.name.replace("/", "__")
+    return {
+        "out": str(folder / f"{setting.key}_seed{seed}"),
+        "train": train,
+        "teachers": [str(p) for p in packages],
+        "data": str(data),
+        "reuse": plan.reuse,
+        "threads": plan.threads,
+        "setting": setting.to_json(),
     }
-    for method, run in runs.items():
-        if method == Method.CDFKD_MFS.value:
-            summary["methods"]["cdfkd_mfs_mean"] = run["mean"]
-            summary["methods"]["cdfkd_mfs_attention"] = run["attention"]
+
+
+def _trial(spec: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "setting": spec["setting"],
+        "validation_accuracy": figures["accuracy"],
+        "iterations": figures["iterations"],
+        "seconds": figures["train_seconds"],
+    }
+
+
+def tune_cell(
+    plan: Plan, federation: str, cell: Cell, packages: list[Path]
+) -> tuple[Setting, list[dict[str, Any]]]:
+    """Run the grid for ``cell`` as Ray Tune trials; the best validation accuracy wins."""
+    from ray import tune
+
+    settings = settings_for(cell.objective, plan.grid)
+    specs = [_spec(plan, federation, "tune", cell, s, 0, packages) for s in settings]
+    trials = []
+    pending = []
+    for spec in specs:
+        if plan.reuse and finished_run(Path(spec["out"]), _run_config(spec)) is not None:
+            figures = run_once(spec)  # reads the finished run's result.json, trains nothing
+            trials.append(_trial(spec, figures))
         else:
-            summary["methods"][method] = run["mean"]
-    return summary
-
-
-def _row(label: str, value: float | None, run: dict[str, Any] | None) -> str:
-    accuracy = "n/a" if value is None else f"{100 * value:.2f}"
-    if run is None:
-        return f"| {label} | {accuracy} | | | |"
-    return (
-        f"| {label} | {accuracy} | {run['iterations']} | {run['seconds_per_iteration']:.2f} "
-        f"| {run['student_parameters']:,} |"
-    )
-
-
-def markdown(title: str, summary: dict[str, Any]) -> str:
-    runs = summary["runs"]
-    teachers = ", ".join(
-        f"{n} {100 * a:.2f}"
-        for n, a in zip(summary["teacher_names"], summary["teachers"], strict=True)
-    )
-    lines = [
-        f"#### {title}",
-        "",
-        f"Teachers (test accuracy %): {teachers}; mean-logit ensemble "
-        f"{100 * summary['teacher_ensemble']:.2f}. "
-        f"Budget {summary['budget_s'] / 60:.1f} min per method.",
-        "",
-        "| method | test accuracy % | iterations | s / iteration | student parameters |",
-        "|---|---|---|---|---|",
-    ]
-    methods = summary["methods"]
-    for key, label in (
-        ("kd_real", "KD on real data (upper bound)"),
-        ("dfad", "DFAD (mean teacher, single head)"),
-        ("cdfkd", "CDFKD (ICME'21, simple multi-header)"),
-    ):
-        if key in methods:
-            lines.append(_row(label, methods[key], runs[key]))
-    if "cdfkd_mfs_mean" in methods:
-        lines.append(
-            _row("CDFKD-MFS, mean of headers", methods["cdfkd_mfs_mean"], runs["cdfkd_mfs"])
+            pending.append(spec)
+    if pending:
+        tuner = tune.Tuner(
+            tune.with_resources(tune_trial, {"cpu": plan.threads}),
+            param_space={"spec": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(metric="accuracy", mode="max", max_concurrent_trials=1),
+            run_config=tune.RunConfig(
+                name=f"{federation}-{cell.name.replace('/', '__')}",
+                storage_path=str((plan.out / "tune").resolve()),
+                verbose=0,
+            ),
         )
-        lines.append(_row("CDFKD-MFS, attention (k = 60)", methods["cdfkd_mfs_attention"], None))
-    return "\n".join(lines) + "\n"
+        results = tuner.fit()
+        for index in range(len(results)):
+            result = results[index]
+            if result.error is not None:
+                raise RuntimeError(f"{federation} {cell.name}: a tuning trial failed") from (
+                    result.error
+                )
+            trials.append(_trial((result.config or {})["spec"], result.metrics or {}))
+    # Ties go to the earlier grid point (the grid's order, not the trials' finishing order).
+    rank = {json.dumps(s.to_json(), sort_keys=True): i for i, s in enumerate(settings)}
+    trials.sort(key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
+    best = max(trials, key=lambda t: t["validation_accuracy"])
+    chosen = Setting(**best["setting"])
+    logger.info(
+        "%s %s: chose %s (validation %.2f %%)",
+        federation,
+        cell.name,
+        chosen.key,
+        100 * best["validation_accuracy"],
+    )
+    return chosen, sorted(trials, key=lambda t: -t["validation_accuracy"])
+
+
+def run_federation(
+    plan: Plan, federation: str, teacher_epochs: int, only: set[str] | None
+) -> dict[str, Any]:
+    """Teachers, cells, tuning and final runs of one federation."""
+    jobs = federation_jobs(federation, teacher_epochs, plan.data.owners)
+    packages = ensure_teachers(plan.out / "teachers", jobs, keyed=True)
+    feature_dims = [read_metadata(p).feature_dim for p in packages]
+    mfs_size = student_parameters(StudentKind.MFS, None, feature_dims)
+    cells = [
+        c for c in build_cells(matched_widths(mfs_size, feature_dims)) if not only or c.name in only
+    ]
+    records, tuning, chosen = [], {}, {}
+    for cell in cells:
+        setting, trials = tune_cell(plan, federation, cell, packages)
+        tuning[cell.name], chosen[cell.name] = trials, setting.to_json()
+        runs = []
+        for seed in plan.seeds:
+            spec = _spec(plan, federation, "final", cell, setting, seed, packages)
+            runs.append(run_once(spec))
+            logger.info(
+                "%s %s seed %d: test %.2f %%",
+                federation,
+                cell.name,
+                seed,
+                100 * runs[-1]["accuracy"],
+            )
+        records.append(cell_record(federation, cell, setting, runs))
+        last = runs[-1]
+    return {
+        "teacher_names": [read_metadata(p).name for p in packages],
+        "teacher_packages": [str(p) for p in packages],
+        "teachers": last["teachers"],
+        "teacher_ensemble": last["teacher_ensemble"],
+        "methods": methods_summary(records),
+        "chosen": chosen,
+        "tuning": tuning,
+        "cells": records,
+    }
+
+
+def _init_ray() -> None:
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--budget-min", type=float, default=15.0)
-    parser.add_argument("--quick", action="store_true", help="1 min per method, no hetero table")
-    parser.add_argument("--no-hetero", action="store_true")
-    parser.add_argument("--hetero-budget-min", type=float, help="default: --budget-min")
-    parser.add_argument("--methods", nargs="+", default=[m.value for m in Method])
+    parser.add_argument("--out", required=True, type=Path, help="a persistent folder")
+    parser.add_argument("--quick", action="store_true", help="the whole protocol, tiny budgets")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under --out")
+    parser.add_argument("--seeds", type=int, default=None, help="default 3; --quick: 2")
+    parser.add_argument("--iterations", type=int, default=1000, help="final budget per run")
+    parser.add_argument("--tune-iterations", type=int, default=200, help="tuning budget per run")
+    parser.add_argument("--validation-samples", type=int, default=5000)
     parser.add_argument("--teacher-epochs", type=int, default=6)
-    parser.add_argument(
-        "--reuse",
-        action="store_true",
-        help="keep runs under --out that ran their whole budget (resume a bench)",
-    )
-    parser.add_argument(
-        "--train",
-        type=json.loads,
-        default={},
-        metavar="JSON",
-        help="TrainConfig values merged over the bench defaults, e.g. '{\"batch_size\": 64}'",
-    )
-    parser.add_argument(
-        "--decay-at",
-        type=float,
-        nargs="+",
-        default=list(MILESTONE_FRACTIONS),
-        metavar="FRACTION",
-        help="fractions of the budget where both learning rates drop x0.1",
-    )
-    parser.add_argument(
-        "--schedule",
-        choices=["step", "cosine"],
-        default="step",
-        help="step: x0.1 at --decay-at; cosine: cosine decay over each budget",
-    )
+    parser.add_argument("--federations", nargs="+", choices=FEDERATIONS, default=list(FEDERATIONS))
+    parser.add_argument("--cells", nargs="+", help="only these cells, e.g. cdfkd_mfs/mfs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("cdfkd", "ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(2)
-    budget = 60.0 if args.quick else args.budget_min * 60
-    methods = [Method(m) for m in args.methods]
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    seeds = tuple(range(args.seeds or (2 if quick else 3)))
+    base = json.loads(json.dumps(BASE_TRAIN))
+    if quick:
+        base.update({"batch_size": 32, "generator": {"latent_dim": 64, "width": 4}})
+        base["attention"] = {"samples": 20}
+    plan = Plan(
+        out=out,
+        data=prepare_data(
+            out / "data",
+            500 if quick else args.validation_samples,
+            1000 if quick else None,
+        ),
+        grid=QUICK_GRID if quick else Grid(),
+        tune_budget=Budget(2, 1) if quick else Budget(args.tune_iterations),
+        final_budget=Budget(3, 1) if quick else Budget(args.iterations),
+        seeds=seeds,
+        reuse=args.reuse,
+        base=base,
+    )
+    teacher_epochs = 1 if quick else args.teacher_epochs
+    only = set(args.cells) if args.cells else None
     started = time.monotonic()
-    plan = Plan(budget, args.reuse, args.train, tuple(args.decay_at), args.schedule)
-    result = federation(
-        "homogeneous", homogeneous_jobs(args.teacher_epochs), methods, args.out, plan
-    )
-    report = {**{k: v for k, v in result.items() if k != "teacher_names"}}
-    tables = [markdown("Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST", result)]
-    if not (args.quick or args.no_hetero):
-        hetero_budget = (args.hetero_budget_min or args.budget_min) * 60
-        hetero = federation(
-            "heterogeneous",
-            heterogeneous_jobs(args.teacher_epochs),
-            methods,
-            args.out,
-            dataclasses.replace(plan, budget_s=hetero_budget),
-        )
-        report["heterogeneous"] = hetero
-        tables.append(
-            markdown("Heterogeneous: LeNet-5-BN + ResNet-8 (w8) + ResNet-14 (w6)", hetero)
-        )
-    report["machine"] = {
-        "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
+    _init_ray()
+    federations: dict[str, Any] = {}
+    try:
+        for name in args.federations:
+            federations[name] = run_federation(plan, name, teacher_epochs, only)
+    finally:
+        import ray
+
+        ray.shutdown()
+    first = federations[args.federations[0]]
+    report: dict[str, Any] = {
+        "methods": first["methods"],
+        "methods_federation": args.federations[0],
+        "protocol": {
+            "validation_samples": 500 if quick else args.validation_samples,
+            "validation_seed": VALIDATION_SEED,
+            "validation": "held out of Fashion-MNIST's training split before the owners' "
+            "shards are cut; every choice is made on it",
+            "test_samples": 1000 if quick else 10000,
+            "seeds": list(seeds),
+            "grid": plan.grid.to_json(),
+            "tune_iterations": plan.tune_budget.total_iterations,
+            "iterations": plan.final_budget.total_iterations,
+            "iterations_per_epoch": plan.final_budget.iterations_per_epoch,
+            "decay_at": list(DECAY_AT),
+            "base_train": base,
+            "teacher_epochs": teacher_epochs,
+            "dirichlet_alpha": DIRICHLET_ALPHA,
+            "chosen": {name: f["chosen"] for name, f in federations.items()},
+            "chosen_per_method": {
+                name: {c["objective"]: c["setting"] for c in f["cells"] if c["paper_student"]}
+                for name, f in federations.items()
+            },
+            "quick": quick,
+        },
+        "cells": [c for f in federations.values() for c in f["cells"]],
+        "federations": {
+            name: {k: v for k, v in f.items() if k != "cells"} for name, f in federations.items()
+        },
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "total_seconds": round(time.monotonic() - started, 1),
     }
-    report["settings"] = plan.settings()
-    report["schedule"] = {"kind": plan.schedule, "decay_at": list(plan.fractions)}
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not only:
+        check_report(report)
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    kind = "smoke run, --quick: tiny budgets, not a result" if quick else "protocol run"
     header = (
-        f"\n### Quality, {stamp}\n\nCommand: `python bench/quality.py {shlex.join(sys.argv[1:])}`; "
-        f"{torch.get_num_threads()} CPU threads, device cpu. Learning rates "
-        f"{plan.learning_rates()}; settings: `{json.dumps(plan.settings())}`.\n\n"
+        f"\n### Quality, {kind}, {stamp}\n\nCommand: `python bench/quality.py "
+        f"{shlex.join(sys.argv[1:])}`; {torch.get_num_threads()} CPU threads, device cpu. "
+        f"Validation: {report['protocol']['validation_samples']} images held out of the "
+        f"training split (seed {VALIDATION_SEED}) before the owners' shards; test split read "
+        f"once per final run ({report['protocol']['test_samples']} images). Tuning: "
+        f"{plan.tune_budget.total_iterations} iterations per grid point (Ray Tune), grid "
+        f"`{json.dumps(plan.grid.to_json())}`; final: {plan.final_budget.total_iterations} "
+        f"iterations, learning rates x0.1 at {', '.join(f'{f:.3g}' for f in DECAY_AT)} of it, "
+        f"seeds {list(seeds)}. Settings: `{json.dumps(base)}`. Total "
+        f"{report['total_seconds'] / 60:.1f} min.\n\n"
     )
+    tables = [markdown_federation(TITLES[name], f, f["cells"]) for name, f in federations.items()]
     with RESULTS.open("a") as handle:
         handle.write(header + "\n".join(tables))
-    print(json.dumps(report["methods"], indent=2))
+    print(json.dumps({name: f["methods"] for name, f in federations.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,9 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
     else:
         lines += _accuracy_table(summary)
     lines += [
-        f"Student parameters: {summary['student_parameters']:,}; "
+        f"Student parameters: {summary['student_parameters']:,} "
+        f"({summary.get('student_parameters_inference', summary['student_parameters']):,} at "
+        "inference, without the training-only feature projections); "
         f"teacher parameters (each, stays with its owner): "
         f"{', '.join(_count(n) for n in summary['teacher_parameters'])}.",
         "",

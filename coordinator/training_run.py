@@ -59,6 +59,7 @@ from cdfkd.student_node.evaluate import (
     header_logits,
 )
 from cdfkd.student_node.models.aggregator import AttentionAggregator, train_attention
+from cdfkd.student_node.models.multi_header import inference_parameters
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.protocol import Teacher
 from cdfkd.student_node.teachers.remote import RemoteTeacher
@@ -104,6 +105,8 @@ class RunResult:
     data: str | None = None
     #: Per teacher, its DP guarantee as its owner states it (None: none).
     teacher_privacy: list[dict[str, Any] | None] = field(default_factory=list)
+    #: Parameters at inference: ``student_parameters`` less the training-only projections.
+    student_parameters_inference: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written to ``result.json`` (and extended by the demo).
@@ -127,6 +130,7 @@ class RunResult:
             "student_accuracy_mean": None if student is None else student.mean,
             "student_accuracy_attention": None if student is None else student.attention,
             "student_parameters": self.student_parameters,
+            "student_parameters_inference": self.student_parameters_inference,
             "attention_samples": self.attention_samples,
             "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
             "rpc_retries": sum(t["retries"] for t in self.teacher_traffic),
@@ -407,6 +411,7 @@ def _distill(
         ],
         student=student_result,
         student_parameters=sum(p.numel() for p in state.student.parameters()),
+        student_parameters_inference=inference_parameters(state.student),
         attention_samples=0 if aggregator is None else train_config.attention.samples,
         teacher_traffic=[
             {

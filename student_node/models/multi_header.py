@@ -166,3 +166,16 @@ class SingleHeadStudent(nn.Module):
         """One header's logits and (unprojected) feature for ``images``."""
         feature = self.trunk(images)[-1].mean(dim=(2, 3))
         return StudentOutputs([self.classifier(feature)], [feature])
+
+
+def inference_parameters(student: nn.Module) -> int:
+    """Parameters the student's logits use: all but the training-only feature projections.
+
+    The projections map header features to the teachers' feature widths for the feature
+    loss (METHOD.md 2); an exported student does not run them.
+    """
+    projections = getattr(student, "projections", None)
+    excluded = (
+        {id(p) for p in projections.parameters()} if isinstance(projections, nn.Module) else set()
+    )
+    return sum(p.numel() for p in student.parameters() if id(p) not in excluded)

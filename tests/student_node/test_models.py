@@ -10,7 +10,11 @@ import torch
 from cdfkd.student_node.config import StudentConfig, StudentKind, TrainConfig
 from cdfkd.student_node.generator import Generator
 from cdfkd.student_node.models.aggregator import AttentionAggregator
-from cdfkd.student_node.models.multi_header import MFSStudent, SeparableConv
+from cdfkd.student_node.models.multi_header import (
+    MFSStudent,
+    SeparableConv,
+    inference_parameters,
+)
 from cdfkd.student_node.teachers.protocol import TeacherInfo
 from cdfkd.student_node.trainer import build_student
 
@@ -115,3 +119,16 @@ def test_attention_weights_are_a_softmax_over_headers() -> None:
     assert torch.allclose(alpha.sum(dim=1), torch.ones(4))
     expected = (alpha.T.unsqueeze(-1) * logits).sum(0)
     assert torch.allclose(aggregator(logits), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(StudentKind))
+@pytest.mark.parametrize("dims", [[84, 84, 84], [64, 64, 64]])
+def test_inference_parameters_are_the_ones_the_logits_use(kind: StudentKind, dims) -> None:
+    student = _student(kind, dims)
+    torch.stack(student(torch.randn(4, 1, 32, 32)).logits).sum().backward()
+    used = sum(p.numel() for p in student.parameters() if p.grad is not None)
+    total = sum(p.numel() for p in student.parameters())
+    assert inference_parameters(student) == used
+    # Teachers of feature width 84 (LeNet-5-BN) need projections from the 64-wide header.
+    projected = dims[0] != 64 and kind is not StudentKind.SINGLE_HEAD
+    assert (used < total) is projected
