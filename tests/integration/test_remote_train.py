@@ -64,3 +64,62 @@ def test_an_untrusted_identity_fails_naming_the_node(
     )
     assert f"teacher node {node.address}" in caplog.text
     assert "certificate is trusted" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_full_run_against_no_features_and_logits_only_nodes(
+    inprocess_node, dev_pki, tmp_path: Path, capsys
+) -> None:
+    """Owners who share less: one node in full mode, one ``no_features``, one ``logits_only``.
+
+    Real gRPC servers with mutual TLS on 127.0.0.1:0 (in this process) and their audit logs;
+    the run must ask each node only for what its mode allows (a refusal would end it with
+    exit 4) and get the black-box node's input gradient by zeroth-order queries.
+    """
+    modes = ["full", "no_features", "logits_only"]
+    audits = [tmp_path / f"audit-{mode}.jsonl" for mode in modes]
+    addresses = [
+        inprocess_node(
+            index,
+            policy={"callers": {"student": {"mode": mode}}},
+            audit={"path": str(audit)},
+        )
+        for index, (mode, audit) in enumerate(zip(modes, audits, strict=True))
+    ]
+    pki = dev_pki["trusted"]
+    remote = [
+        {"address": a, "ca": pki.ca.cert, "cert": pki.client.cert, "key": pki.client.key}
+        for a in addresses
+    ]
+    config = write_toml(tmp_path / "run.toml", small_run(remote))
+    out = tmp_path / "out"
+    assert main(["train", "--in-process", "--config", str(config), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "result.json").read_text())
+    assert printed == summary
+    assert summary["method"] == "cdfkd_mfs"
+    assert summary["iterations"] == 6
+    assert summary["stopped_early"] is False
+    assert min(summary["teacher_accuracies"]) > 0.85  # logits come from every mode
+    assert len(summary["student_header_accuracies"]) == 3
+    assert summary["student_accuracy_attention"] is not None
+    assert summary["attention_samples"] == 30
+    assert [t["address"] for t in summary["teacher_traffic"]] == addresses
+    assert summary["rpc_retries"] == 0
+    assert summary["rpc_calls"] == sum(t["rpc_calls"] for t in summary["teacher_traffic"])
+    # Per iteration the black-box node gets 2 + 1 batches and (8 directions + 1) x 32 probes,
+    # the others 2 + 1 batches and one VJP request: 384 against about 128 images (measured
+    # 2.25x the bytes, evaluation and metadata included).
+    sent = [t["bytes_sent"] for t in summary["teacher_traffic"]]
+    assert sent[2] > 2 * max(sent[0], sent[1]), sent
+
+    records = [[json.loads(line) for line in audit.read_text().splitlines()] for audit in audits]
+    for mode, node_records in zip(modes, records, strict=True):
+        assert {r["decision"] for r in node_records} == {"allowed"}, mode
+        assert {r["mode"] for r in node_records} == {mode}
+    input_grads = [[r for r in node if r["rpc"] == "InputGrad"] for node in records]
+    # One input VJP per generator step from the nodes that give gradients, none from the other.
+    assert [len(calls) for calls in input_grads] == [6, 6, 0]
+    probes = [r for r in records[2] if r["rpc"] == "Query" and r["images"] == (8 + 1) * 32]
+    assert len(probes) == 6  # one batch of probes per generator step (8 directions, batch 32)
