@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cdfkd.coordinator.cli import main
-from tests.helpers import small_run, write_toml
+from cdfkd.coordinator.errors import ExitCode
+from cdfkd.coordinator.nodes import TeacherNodeProcess
+from cdfkd.student_node.checkpoint import list_checkpoints
+from cdfkd.student_node.teachers.remote import RemoteTeacher
+from tests.conftest import client_config
+from tests.helpers import owned_process, small_run, write_toml
 
 
 @pytest.mark.integration
@@ -123,3 +131,77 @@ def test_a_full_run_against_no_features_and_logits_only_nodes(
     assert [len(calls) for calls in input_grads] == [6, 6, 0]
     probes = [r for r in records[2] if r["rpc"] == "Query" and r["images"] == (8 + 1) * 32]
     assert len(probes) == 6  # one batch of probes per generator step (8 directions, batch 32)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_caller_off_the_allow_list_exits_4_naming_the_node(
+    inprocess_node, dev_pki, tmp_path: Path, caplog
+) -> None:
+    address = inprocess_node(policy={"callers": {"other-student": {}}})
+    pki = dev_pki["trusted"]
+    entry = {"address": address, "ca": pki.ca.cert, "cert": pki.client.cert, "key": pki.client.key}
+    config = write_toml(tmp_path / "run.toml", small_run([entry]))
+    out = tmp_path / "out"
+    code = main(["train", "--in-process", "--config", str(config), "--out", str(out)])
+    assert code == ExitCode.REFUSED == 4
+    assert f"teacher node {address} (GetMetadata) refused this caller" in caplog.text
+    assert "'student' is not on this node's allow-list" in caplog.text
+    assert not (out / "result.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_spent_budget_exits_4_with_the_last_good_checkpoint(
+    digits_teachers, dev_pki, tmp_path: Path
+) -> None:
+    """``cdfkd train`` as a user runs it (a process, on Ray) against a node process whose owner
+    gives this caller 300 images: 128 an iteration (2 student batches, 1 generator batch and its
+    VJP, of 32), so iteration 3 is refused. Exit 4, a message naming the node and the budget,
+    the checkpoint of iteration 2 on disk, and the node still serving."""
+    pki = dev_pki["trusted"]
+    budget = tmp_path / "budget.json"
+    policy = (
+        f'[policy]\nbudget_file = "{budget}"\n'
+        '[policy.callers."student"]\nmode = "full"\nbudget_images = 300\n'
+    )
+    node = TeacherNodeProcess(
+        digits_teachers.packages[0], tmp_path / "node", pki, threads=1, policy=policy
+    )
+    with node:
+        entry = {
+            "address": node.address,
+            "ca": pki.ca.cert,
+            "cert": pki.client.cert,
+            "key": pki.client.key,
+        }
+        run = small_run([entry], checkpoint_every=1, cpus=1)
+        config = write_toml(tmp_path / "run.toml", run)
+        out = tmp_path / "out"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        command = [sys.executable, "-m", "cdfkd.coordinator.cli", "train"]
+        command += ["--config", str(config), "--out", str(out)]
+        with owned_process(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "CI": "true"},
+        ) as process:
+            stdout, stderr = process.communicate(timeout=540)
+        assert process.returncode == ExitCode.REFUSED == 4, stderr[-3000:]
+        assert f"teacher node {node.address}" in stderr
+        assert "budget exhausted: 288 of 300 images used, this request needs 32" in stderr
+        assert "checkpoint-00000002.pt" in stderr  # where --resume continues
+        assert "Traceback" not in stderr  # the message, not the Ray worker's stack
+        assert stdout == ""  # no summary: the run did not finish
+        assert list_checkpoints(out / "checkpoints")[-1].name == "checkpoint-00000002.pt"
+        assert not (out / "result.json").exists()
+        assert json.loads(budget.read_text())["student"]["total"] == 288
+        # The node refused the request and kept serving.
+        assert node.process is not None
+        assert node.process.poll() is None
+        with RemoteTeacher(client_config(node.address, dev_pki)) as teacher:
+            assert teacher.metadata.remaining_budget == 12
