@@ -126,7 +126,10 @@ def run_when(
 
 
 def session_members(session: int) -> list[int]:
-    """Process ids in the session ``session`` (Linux ``/proc``), this process excluded."""
+    """Running processes in the session ``session`` (Linux ``/proc``), this process excluded.
+
+    Zombies (exited, not yet reaped by whoever inherited them) do not count: they run nothing.
+    """
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -137,7 +140,7 @@ def session_members(session: int) -> list[int]:
             continue
         # pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
         fields = stat.rpartition(")")[2].split()
-        if len(fields) > 3 and fields[1] != "0" and int(fields[3]) == session:
+        if len(fields) > 3 and fields[0] not in ("Z", "X") and int(fields[3]) == session:
             members.append(int(entry.name))
     return members
 
