@@ -1,6 +1,8 @@
 """A TCP proxy on loopback: forwards bytes both ways, counts them, can keep what the server sent.
 
-Used by bench/remote.py to measure wire bytes and by the wire-scan test to inspect them.
+Used by bench/remote.py to measure wire bytes, by the wire-scan test to inspect them, and by
+the fault-tolerance test to see a client knock on a node that is down (``refused``) and to
+point it at the node's replacement (``upstream``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import threading
 
 
 class RecordingProxy:
-    """Listens on 127.0.0.1:0 and forwards every connection to ``upstream`` (host, port)."""
+    """Listens on 127.0.0.1:0 and forwards every connection to ``upstream`` (host, port).
+
+    A connection whose upstream refuses it is closed and counted in ``refused``; ``upstream``
+    may be changed while the proxy runs (new connections go there).
+    """
 
     def __init__(self, upstream: tuple[str, int], keep: bool = True) -> None:
         self.upstream = upstream
@@ -19,6 +25,7 @@ class RecordingProxy:
         self.from_server = bytearray()
         self.from_server_count = 0
         self.to_server = 0
+        self.refused = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -49,7 +56,13 @@ class RecordingProxy:
                 continue
             except OSError:
                 return
-            server = socket.create_connection(self.upstream, timeout=10)
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                with self._lock:
+                    self.refused += 1
+                client.close()
+                continue
             self._sockets += [client, server]
             for source, target, inbound in ((client, server, False), (server, client, True)):
                 thread = threading.Thread(

@@ -24,6 +24,7 @@ from ray.util.queue import Empty, Queue
 from cdfkd.coordinator.config import RunConfig
 from cdfkd.coordinator.progress import ProgressReporter
 from cdfkd.coordinator.training_run import CHECKPOINT_DIR, prepare_output, run_training
+from cdfkd.protos.errors import CdfkdError
 from cdfkd.student_node.checkpoint import latest_checkpoint
 from cdfkd.student_node.trainer import IterationMetrics, TrainState
 
@@ -167,7 +168,7 @@ def train_on_ray(
                     stop_sent = True
                 if done:
                     break
-            summary = ray.get(future)
+            summary = _result(future)
             _drain(queue, reporter, starts)
         finally:
             reporter.close()
@@ -183,6 +184,22 @@ def train_on_ray(
     finally:
         if owned:
             ray.shutdown()
+
+
+def _result(future: Any) -> dict[str, Any]:
+    """The worker's summary; a project error it raised is raised here as itself.
+
+    Ray wraps an actor's exception with the worker's traceback; for the project's own errors
+    (a refusing teacher, a diverged loss, a bad config) the message is what the user needs,
+    and its class decides the exit code, so the traceback goes to the debug log only.
+    """
+    try:
+        return ray.get(future)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, CdfkdError):
+            logger.debug("the training worker raised:\n%s", error)
+            raise error.cause from None
+        raise
 
 
 def _drain(queue: Queue, reporter: ProgressReporter, starts: list[WorkerStarted]) -> None:

@@ -219,6 +219,7 @@ def run_training(
     teachers: list[Teacher] | None = None,
     callbacks: Sequence[TrainCallback] = (),
     show_progress: bool = True,
+    clock: Callable[[], float] = time.monotonic,
 ) -> RunResult:
     """Distill the run's teachers into a student; write every output into ``out``.
 
@@ -230,6 +231,8 @@ def run_training(
         teachers: Teachers to use instead of loading the packages of ``config`` (tests).
         callbacks: Extra per-iteration callbacks (benchmarks, the Ray driver's queue).
         show_progress: Log a line per interval and show a bar on a terminal.
+        clock: Monotonic seconds; ``run.max_seconds`` and the elapsed times in
+            ``metrics.jsonl`` and ``result.json`` are measured on it (tests inject one).
 
     Raises:
         ConfigError: a folder with checkpoints but no ``resume``, or data that do not fit.
@@ -250,7 +253,16 @@ def run_training(
     executor = ThreadPoolExecutor(len(teachers), "teacher-fan-out") if remote else None
     try:
         return _distill(
-            config, out, device, teachers, executor, found, stop_event, callbacks, show_progress
+            config,
+            out,
+            device,
+            teachers,
+            executor,
+            found,
+            stop_event,
+            callbacks,
+            show_progress,
+            clock,
         )
     finally:
         if executor is not None:
@@ -269,6 +281,7 @@ def _distill(
     stop_event: threading.Event | None,
     extra_callbacks: Sequence[TrainCallback],
     show_progress: bool,
+    clock: Callable[[], float],
 ) -> RunResult:
     checkpoints = out / CHECKPOINT_DIR
     infos = [teacher.info() for teacher in teachers]
@@ -306,10 +319,10 @@ def _distill(
     last_good = state_payload(state, fingerprint)
 
     writer = MetricsWriter(out / "metrics.jsonl")
-    started = time.monotonic()
+    started = clock()
 
     def elapsed() -> float:
-        return time.monotonic() - started
+        return clock() - started
 
     def log_iteration(state: TrainState, metrics: IterationMetrics) -> None:
         writer.iteration(metrics, elapsed())

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +123,55 @@ def run_when(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def session_members(session: int) -> list[int]:
+    """Running processes in the session ``session`` (Linux ``/proc``), this process excluded.
+
+    Zombies (exited, not yet reaped by whoever inherited them) do not count: they run nothing.
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 3 and fields[0] not in ("Z", "X") and int(fields[3]) == session:
+            members.append(int(entry.name))
+    return members
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+@contextlib.contextmanager
+def owned_process(command: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """Start ``command`` in a session of its own; on exit kill whatever of it still runs.
+
+    Everything the process starts stays in its session (Ray's raylet and workers change only
+    their process group), so a test that fails half-way leaves no process behind, and it
+    kills nothing it did not start (no ``ray stop``, no kill by name).
+    """
+    process = subprocess.Popen(command, start_new_session=True, **popen)
+    try:
+        yield process
+    finally:
+        for pid in [process.pid, *session_members(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+            process.communicate(timeout=30)
 
 
 def expired_client_credentials(identities: Any, common_name: str) -> Any:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ import pytest
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.errors import ExitCode
 from cdfkd.teacher_node.package import read_metadata
+from tests.helpers import owned_process, small_run, wait_until, write_toml
 from tests.helpers import packages as package_entries
-from tests.helpers import small_run, write_toml
 
 
 def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,34 +177,21 @@ def test_ctrl_c_checkpoints_and_exits_130(digits_teachers, tmp_path: Path) -> No
     config = write_run_config(tmp_path / "run.toml", digits_teachers.packages, epochs=10000)
     out = tmp_path / "out"
     env = {**os.environ, "CI": "true"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cdfkd.coordinator.cli",
-            "train",
-            "--config",
-            str(config),
-            "--out",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        checkpoints = (
-            list((out / "checkpoints").glob("checkpoint-*.pt"))
-            if (out / "checkpoints").exists()
-            else []
-        )
-        if any(p.name != "checkpoint-00000000.pt" for p in checkpoints):
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    command = [sys.executable, "-m", "cdfkd.coordinator.cli", "train"]
+    command += ["--config", str(config), "--out", str(out)]
+
+    def trained_an_iteration() -> bool:
+        checkpoints = out / "checkpoints"
+        found = list(checkpoints.glob("checkpoint-*.pt")) if checkpoints.exists() else []
+        return any(p.name != "checkpoint-00000000.pt" for p in found)
+
+    # Its own session: whatever it started (Ray included) is killed if the test fails.
+    with owned_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        assert wait_until(trained_an_iteration, timeout_s=300, poll_s=0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == ExitCode.INTERRUPTED, stderr
     assert "resume with --resume" in stderr
     summary = json.loads(stdout)

@@ -20,12 +20,6 @@ def _entry(address: str, pki, identity) -> str:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_good_federation_passes(node_processes, dev_pki, tmp_path: Path, capsys) -> None:
@@ -53,7 +47,11 @@ def test_each_failing_node_is_named_with_its_reason(
     other = untrained_lenet_package(tmp_path / "five-classes", name="five", num_classes=5)
     incompatible = TeacherNodeProcess(other, tmp_path / "n5", trusted)
     incompatible.start()
-    unreachable = f"127.0.0.1:{_free_port()}"
+    # A port this test holds (bound on port 0, never listening): connections to it are refused,
+    # and no other program can take it while the check runs.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    unreachable = f"127.0.0.1:{held.getsockname()[1]}"
     try:
         config = tmp_path / "run.toml"
         config.write_text(
@@ -67,6 +65,7 @@ def test_each_failing_node_is_named_with_its_reason(
         )
     finally:
         incompatible.stop()
+        held.close()
     table = capsys.readouterr().out
     lines = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert lines[good.address].endswith("ok")

@@ -3,19 +3,20 @@ and no process outlives it, also when it is interrupted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+from tests.helpers import owned_process, session_members, wait_until
 
-RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::")
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -32,39 +33,38 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _ray_processes() -> list[str]:
-    return [p for name in RAY_PROCESS_NAMES for p in _processes_mentioning(name)]
+def _left_behind(process: subprocess.Popen[str], out: Path) -> list[str]:
+    """What the demo started and is still running: its teacher nodes (each in a session of its
+    own, their configs under ``out``) and anything in the demo's session (its Ray and Flower
+    processes change only their process group). Other programs' Ray is none of its business."""
+    return [*_processes_mentioning(str(out)), *map(str, session_members(process.pid))]
 
 
-def _demo(out: Path) -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def _demo(out: Path) -> Iterator[subprocess.Popen[str]]:
     # A session of its own, so that the test can send Ctrl-C to the whole process group as a
-    # terminal does.
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cdfkd.coordinator.cli",
-            "demo",
-            "--quick",
-            "--dataset",
-            "digits",
-            "--out",
-            str(out),
-        ],
+    # terminal does, and kill whatever is left of it if the test fails.
+    command = [sys.executable, "-m", "cdfkd.coordinator.cli", "demo", "--quick"]
+    command += ["--dataset", "digits", "--out", str(out)]
+    with owned_process(
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "CI": "true"},
-        start_new_session=True,
-    )
+    ) as process:
+        yield process
 
 
 def test_demo_runs_the_whole_system_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    before = set(_ray_processes())
     out = tmp_path / "demo"
-    process = _demo(out)
-    stdout, stderr = process.communicate(timeout=900)
+    with _demo(out) as process:
+        stdout, stderr = process.communicate(timeout=900)
+        # Its children are stopped before it exits; allow them a moment to be reaped.
+        wait_until(lambda: not _left_behind(process, out), timeout_s=60)
+        left = _left_behind(process, out)
     assert process.returncode == 0, stderr[-4000:]
+    assert not left, left
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(stdout) == summary
     for key in (
@@ -96,34 +96,30 @@ def test_demo_runs_the_whole_system_and_leaves_nothing_behind(tmp_path: Path) ->
     assert (out / "student" / "aggregator.safetensors").read_bytes() == (
         out / "flower" / "aggregator.safetensors"
     ).read_bytes()
-    assert not _processes_mentioning(str(out))
-    assert set(_ray_processes()) <= before
 
     # Idempotent: a second run reuses the teachers and the finished checkpoint.
-    again = _demo(out)
-    stdout, stderr = again.communicate(timeout=600)
+    with _demo(out) as again:
+        stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, stderr[-4000:]
     assert "reusing teacher package" in stderr
     assert json.loads(stdout)["iterations"] == summary["iterations"]
 
 
 def test_ctrl_c_stops_everything_and_exits_130(tmp_path: Path) -> None:
-    before = set(_ray_processes())
     out = tmp_path / "demo"
-    process = _demo(out)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+
+    def trained_an_iteration() -> bool:
         checkpoints = out / "checkpoints"
-        if checkpoints.exists() and any(
+        return checkpoints.exists() and any(
             p.name != "checkpoint-00000000.pt" for p in checkpoints.iterdir()
-        ):
-            break
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    stdout, stderr = process.communicate(timeout=300)
+        )
+
+    with _demo(out) as process:
+        wait_until(lambda: trained_an_iteration() or process.poll() is not None, timeout_s=600)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        stdout, stderr = process.communicate(timeout=300)
+        # Stopped means gone: wait (bounded) until nothing it started runs any more.
+        wait_until(lambda: not _left_behind(process, out), timeout_s=60)
+        left = _left_behind(process, out)
     assert process.returncode == 130, stderr[-4000:]
-    time.sleep(2)
-    assert not _processes_mentioning(str(out)), stderr[-2000:]
-    assert set(_ray_processes()) <= before
+    assert not left, (left, stderr[-2000:])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.tcp_proxy import RecordingProxy
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.config import parse_run_config
 from cdfkd.coordinator.nodes import TeacherNodeProcess
@@ -20,7 +21,7 @@ from cdfkd.coordinator.ray_driver import train_on_ray
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.checkpoint import list_checkpoints
 from tests.coordinator.test_ray_driver import same, student_weights
-from tests.helpers import packages, run_when, small_run, write_toml
+from tests.helpers import owned_process, packages, run_when, small_run, wait_until, write_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
@@ -40,6 +41,11 @@ def _remote_entries(addresses: list[str], pki, **remote: object) -> list[dict]:
     ]
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 def _when_checkpoint(
     directory: Path, at_least: int, action, timeout: float = 300
 ) -> threading.Thread:
@@ -56,31 +62,37 @@ def test_a_teacher_node_killed_and_restarted_mid_run(
     pki = dev_pki["trusted"]
     nodes = [node_processes(i) for i in range(3)]
     victim = nodes[1]
+    # The run reaches the victim through a TCP proxy of this test's (127.0.0.1:0): it shows the
+    # run knocking while the node is down, and the replacement can listen on a port of its own.
+    proxy = RecordingProxy(_host_port(victim.address), keep=False)
+    addresses = [nodes[0].address, proxy.address, nodes[2].address]
     settings = {"cpus": 2, "checkpoint_every": 1, "eval_every": 6}
-    entries = _remote_entries([n.address for n in nodes], pki)
+    entries = _remote_entries(addresses, pki)
     config = parse_run_config(small_run(entries, {"epochs": 4}, **settings))
     replacement: list[TeacherNodeProcess] = []
+    knocks: list[int] = []
 
     def kill_and_restart() -> None:
         victim.kill()
-        time.sleep(2.0)  # the run notices: calls fail and are retried with backoff
+        # Down until the run's calls have failed twice (a call and its retry; bounded): only
+        # then does the replacement start, so the run must have seen the outage.
+        knocks.append(int(wait_until(lambda: proxy.refused >= 2, timeout_s=120)))
         node = TeacherNodeProcess(
-            digits_teachers.packages[1],
-            tmp_path / "restarted",
-            pki,
-            address=victim.address,
-            threads=2,
+            digits_teachers.packages[1], tmp_path / "restarted", pki, threads=2
         )
         replacement.append(node)
         node.start()
+        proxy.upstream = _host_port(node.address)
 
     watcher = _when_checkpoint(tmp_path / "ray" / "checkpoints", 4, kill_and_restart)
     try:
         summary = train_on_ray(config, tmp_path / "ray")
     finally:
-        watcher.join(timeout=30)
+        watcher.join(timeout=150)
         for node in replacement:
             node.stop()
+        proxy.close()
+    assert knocks == [1], "the run never called the node while it was down"
     assert replacement, "the node was never killed"
     # The run itself saw the outage: its calls to the killed node failed and were retried,
     # while the other nodes answered every call at once.
@@ -145,18 +157,18 @@ def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> Non
         "--out",
         str(out),
     ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CI": "true"}
-    )
     killed = threading.Event()
+    with owned_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CI": "true"}
+    ) as process:
 
-    def kill() -> None:
-        os.kill(process.pid, signal.SIGKILL)
-        killed.set()
+        def kill() -> None:
+            os.kill(process.pid, signal.SIGKILL)
+            killed.set()
 
-    watcher = _when_checkpoint(out / "checkpoints", 6, kill)
-    process.communicate(timeout=300)
-    watcher.join(timeout=5)
+        watcher = _when_checkpoint(out / "checkpoints", 6, kill)
+        process.communicate(timeout=300)
+        watcher.join(timeout=5)
     assert killed.is_set()
     assert process.returncode == -signal.SIGKILL
     assert (

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -24,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
 
-def _free_port() -> int:
+def _recently_free_port() -> int:
+    """A port free when this returns (bind to port 0, release); see its one use below."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -73,7 +76,6 @@ def _stop_processes_under(temp: Path, grace_s: float = 30.0) -> None:
 def test_ray_job_submit_runs_the_distillation(digits_teachers, dev_pki, tmp_path: Path) -> None:
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI comes with ray[default] (installed by install.sh)")
-    port, dashboard = _free_port(), _free_port()
     # Unix socket paths are limited to ~107 bytes: keep Ray's temp dir short.
     temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     # Token authentication as in deploy/ray/README.md; the token file is this test's own, so
@@ -91,28 +93,31 @@ def test_ray_job_submit_runs_the_distillation(digits_teachers, dev_pki, tmp_path
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    start = [
-        "ray",
-        "start",
-        "--head",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dashboard),
-        "--include-dashboard",
-        "true",
-        "--num-cpus",
-        "2",
-        "--temp-dir",
-        str(temp),
-        "--disable-usage-stats",
-    ]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    # Port 0 for every port Ray would otherwise fix (GCS 6379, dashboard 8265, its agent
+    # 52365, workers 10002-19999): each component binds a port the system picks and holds it;
+    # the dashboard's is read back from what `ray start` prints. One exception: Ray always
+    # starts its client server (grpc is installed) and refuses port 0 for it
+    # ("ray_client_server_port must be an integer between 1024 and 65535"), so it gets a port
+    # that was free a moment ago. Nothing here connects to it (jobs go through the dashboard)
+    # and `ray start` does not wait for it: if another program took that port meanwhile, only
+    # this unused server fails to start.
+    # Ray's CLI of this interpreter (as the `ray` script of its environment would): the head's
+    # workers then run this Python, whose cdfkd is the one under test.
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head"]
+    start += ["--node-ip-address", "127.0.0.1", "--port", "0"]
+    start += ["--dashboard-host", "127.0.0.1", "--dashboard-port", "0"]
+    start += ["--dashboard-agent-listen-port", "0"]
+    start += ["--ray-client-server-port", str(_recently_free_port())]
+    start += ["--min-worker-port", "0", "--max-worker-port", "0", "--include-dashboard", "true"]
+    start += ["--num-cpus", "2", "--temp-dir", str(temp), "--disable-usage-stats"]
     try:
+        started = subprocess.run(
+            start, check=True, env=env, capture_output=True, text=True, timeout=180
+        )
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", started.stdout + started.stderr)
+        assert found, started.stdout[-3000:] + started.stderr[-3000:]
+        dashboard = int(found.group(1))
+        assert dashboard not in (0, 8265)
         job_dir = tmp_path / "job"
         job_dir.mkdir()
         config = write_toml(

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
 import torch
 
+from cdfkd.student_node.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from cdfkd.student_node.config import GeneratorConfig, Method, StudentConfig, TrainConfig
 from cdfkd.student_node.errors import IncompatibleTeachers, NonFiniteLossError
 from cdfkd.student_node.teachers.protocol import TeacherInfo, TeacherOutputs
-from cdfkd.student_node.trainer import build_student, check_teachers, init_state, train
+from cdfkd.student_node.trainer import (
+    build_student,
+    check_teachers,
+    init_state,
+    run_iteration,
+    train,
+)
 
 
 def small_config(method: Method = Method.CDFKD_MFS, **kwargs) -> TrainConfig:
@@ -135,3 +143,112 @@ def test_heterogeneous_teachers_train_together(mixed_teachers) -> None:
     state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
     train(state, teachers, config)
     assert state.iteration == config.total_iterations
+
+
+def _record_learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The learning rate of every ``step()`` of ``optimizer``, read as the step begins."""
+    used: list[float] = []
+    optimizer.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
+    return used
+
+
+def test_generator_learning_rate_follows_the_milestones_at_the_right_iteration(
+    digits_teachers, tmp_path
+) -> None:
+    """METHOD.md 2: MultiStepLR x gamma at the milestones for the generator as for the student.
+
+    Three epochs of two iterations, milestones after epochs 1 and 2, gamma 0.5: the rate each
+    optimizer step actually used is recorded. A resumed run continues the generator's schedule.
+    """
+    teachers = digits_teachers.load()
+    infos = [t.info() for t in teachers]
+    optimizer = {"milestones": (1, 2), "gamma": 0.5, "student_lr": 0.1, "generator_lr": 0.01}
+    config = small_config(epochs=3, optimizer=optimizer)
+    state = init_state(config, infos, torch.device("cpu"))
+    generator_lrs = _record_learning_rates(state.generator_optimizer)
+    student_lrs = _record_learning_rates(state.student_optimizer)
+    train(state, teachers, config)
+    # One generator step per iteration: 2 iterations at each rate.
+    assert generator_lrs == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025], rel=1e-12)
+    # Two student steps per iteration, on the same schedule.
+    assert student_lrs == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4, rel=1e-12)
+
+    # Stop after iteration 3 (mid epoch 2), checkpoint, resume in a fresh state.
+    state = init_state(config, infos, torch.device("cpu"))
+    train(state, teachers, config, should_stop=lambda: state.iteration == 3)
+    fingerprint = config_fingerprint(config)
+    saved = save_checkpoint(tmp_path, state, fingerprint)
+    resumed = init_state(config, infos, torch.device("cpu"))
+    load_checkpoint(saved, resumed, fingerprint)
+    generator_lrs = _record_learning_rates(resumed.generator_optimizer)
+    train(resumed, teachers, config)
+    assert resumed.iteration == 6
+    assert generator_lrs == pytest.approx([0.005, 0.0025, 0.0025], rel=1e-12)
+
+
+class RecordingTeacher:
+    """A real teacher that keeps a copy of every batch it is asked about (test instrumentation)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.queries: list[torch.Tensor] = []
+        self.input_grads: list[torch.Tensor] = []
+
+    def info(self) -> TeacherInfo:
+        return self.inner.info()
+
+    def query(self, images: torch.Tensor, **wanted: bool) -> TeacherOutputs:
+        self.queries.append(images.detach().clone())
+        return self.inner.query(images, **wanted)
+
+    def input_grad(self, images, grad_logits, bn_weight):
+        self.input_grads.append(images.detach().clone())
+        return self.inner.input_grad(images, grad_logits, bn_weight)
+
+
+def test_every_student_step_gets_a_fresh_generated_batch(digits_teachers) -> None:
+    """METHOD.md 2: K student steps, then one generator step, *each on a fresh batch*.
+
+    The batches are recorded where they are used (every teacher's queries, the student's
+    forward) and replayed from the generator and the RNG as they were before the iteration.
+    """
+    steps = 3
+    teachers = [RecordingTeacher(t) for t in digits_teachers.load()]
+    config = small_config(student_steps_per_generator_step=steps)
+    state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
+    seen_by_student: list[torch.Tensor] = []
+    state.student.register_forward_pre_hook(
+        lambda module, args: seen_by_student.append(args[0].detach().clone())
+    )
+    generator_before = copy.deepcopy(state.generator)
+    rng_before = torch.Generator().set_state(state.rng.get_state())
+
+    run_iteration(state, teachers, config)
+
+    # Every teacher is asked about the same K + 1 batches: K student steps, one generator step.
+    for teacher in teachers:
+        assert len(teacher.queries) == steps + 1
+        first = teachers[0].queries
+        assert all(torch.equal(a, b) for a, b in zip(teacher.queries, first, strict=True))
+        assert [torch.equal(g, teacher.queries[-1]) for g in teacher.input_grads] == [True]
+    batches = teachers[0].queries
+    # The student trains on the very batch its teachers answered, step by step.
+    assert len(seen_by_student) == steps + 1
+    assert all(torch.equal(s, b) for s, b in zip(seen_by_student, batches, strict=True))
+    # All K + 1 batches differ from each other: none is reused.
+    for i in range(len(batches)):
+        for j in range(i):
+            assert (batches[i] - batches[j]).abs().mean() > 0.1, (i, j)
+    # Each is G(z) for a fresh z ~ N(0, I) drawn from the run's RNG, in order.
+    with torch.no_grad():
+        for batch in batches[:steps]:
+            latent = torch.randn(
+                config.batch_size, config.generator.latent_dim, generator=rng_before
+            )
+            assert torch.equal(generator_before(latent), batch)
+
+    # The next iteration draws new batches again.
+    run_iteration(state, teachers, config)
+    assert len(batches) == 2 * (steps + 1)
+    for later in batches[steps + 1 :]:
+        assert all((later - earlier).abs().mean() > 0.1 for earlier in batches[: steps + 1])
