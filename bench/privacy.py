@@ -1,13 +1,16 @@
 """Privacy against utility: the same distillation under each owner choice, at equal query budgets.
 
-    python bench/privacy.py --out DIR [--quick] [--budget-iterations N]
+    python bench/privacy.py --out DIR [--quick] [--budget-iterations N] [--rows NAME ...]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
 budget of ``N`` iterations of the full protocol, so that black-box rows (whose zeroth-order
-gradient estimate costs queries) run fewer iterations. Rows: full; no_features; Gaussian logit
-noise at three sigmas; one teacher logits_only; all logits_only. Writes DIR/privacy.json and
-appends a table to bench/RESULTS.md.
+gradient estimate costs queries) run fewer iterations; a teacher is black-box when its node
+gives this caller no input gradients (``logits_only``, and any rule with logit noise, which
+refuses exact gradients). Rows: full; no_features; Gaussian logit noise at three sigmas; one
+teacher logits_only; all logits_only. A row whose budget runs out anyway ends on its last
+completed iteration (``ended_by`` in the row). Writes DIR/privacy.json and appends a table to
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import sys
 import time
 from contextlib import ExitStack
@@ -32,7 +36,7 @@ from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa:
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
-from cdfkd.student_node.teachers.remote import RemoteTeacherConfig  # noqa: E402
+from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 
@@ -43,11 +47,13 @@ DIRECTIONS = 8  # zeroth-order directions for logits-only teachers
 
 
 def train_config(iterations: int) -> TrainConfig:
-    epochs = max(1, iterations // 25)
+    """Exactly ``iterations`` iterations (epochs of 25 where they divide it), decay at 4/5."""
+    per_epoch = math.gcd(max(1, iterations), 25)
+    epochs = max(1, iterations // per_epoch)
     return TrainConfig.model_validate(
         {
             "batch_size": 128,
-            "iterations_per_epoch": 25,
+            "iterations_per_epoch": per_epoch,
             "epochs": epochs,
             "optimizer": {"milestones": [max(1, epochs * 4 // 5)]},
             "generator": {"latent_dim": 256, "width": 8},
@@ -87,10 +93,6 @@ def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
 
 def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, out: Path) -> dict:
     node_budget = budget + TEST_IMAGES + 1024  # training budget + the evaluation's queries
-    black_box = [rule.get("mode") == "logits_only" for rule in rules]
-    base = train_config(1)
-    iterations = budget // max(images_per_iteration(base, b) for b in black_box)
-    train = train_config(iterations)
     with ExitStack() as stack:
         nodes = []
         for index, (package, rule) in enumerate(zip(packages, rules, strict=True)):
@@ -102,19 +104,26 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
                     TeacherNodeProcess(package, directory, pki, threads=1, policy=policy)
                 )
             )
+        remotes = tuple(
+            RemoteTeacherConfig(
+                address=n.address,
+                ca=pki.ca.cert,
+                cert=pki.client.cert,
+                key=pki.client.key,
+                zeroth_order_directions=DIRECTIONS,
+            )
+            for n in nodes
+        )
+        black_box = []
+        for remote in remotes:  # what each node gives this caller (GetMetadata, no budget)
+            with RemoteTeacher(remote) as teacher:
+                black_box.append("input_grad" not in teacher.info().allowed_outputs)
+        base = train_config(1)
+        iterations = budget // max(images_per_iteration(base, b) for b in black_box)
         config = RunConfig(
             data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-            teachers=tuple(
-                RemoteTeacherConfig(
-                    address=n.address,
-                    ca=pki.ca.cert,
-                    cert=pki.client.cert,
-                    key=pki.client.key,
-                    zeroth_order_directions=DIRECTIONS,
-                )
-                for n in nodes
-            ),
-            train=train,
+            teachers=remotes,
+            train=train_config(iterations),
             run=RunSettings(
                 device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
             ),
@@ -128,6 +137,8 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         ]
     return {
         "row": name,
+        "black_box": black_box,
+        "ended_by": result.ended_by,
         "iterations": result.iterations,
         "mean": result.student.mean,
         "attention": result.student.attention,
@@ -143,6 +154,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a budget of 30 full iterations")
     parser.add_argument("--budget-iterations", type=int, default=200)
     parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument(
+        "--rows", nargs="+", choices=[name for name, _ in ROWS], help="run only these rows"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -154,6 +168,7 @@ def main() -> None:
     rows = [
         run_row(name, rules, packages, pki, budget, args.out / f"row-{index}")
         for index, (name, rules) in enumerate(ROWS)
+        if args.rows is None or name in args.rows
     ]
     report = {"budget_images_per_teacher": budget, "directions": DIRECTIONS, "rows": rows}
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -161,20 +176,23 @@ def main() -> None:
     command = f"python bench/privacy.py --out {args.out}" + (
         " --quick" if args.quick else f" --budget-iterations {args.budget_iterations}"
     )
+    if args.rows:
+        command += " --rows " + " ".join(f"'{row}'" for row in args.rows)
     lines = [
         f"\n### Privacy against utility, {stamp}\n",
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
         f"budget of {budget:,} images per teacher ({iterations} full-protocol iterations of batch "
         f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers.\n",
-        "| owner choice | iterations | student, mean % | student, attention % | training images "
-        "per teacher | wall s |",
-        "|---|---|---|---|---|---|",
+        "| owner choice | iterations | ended by | student, mean % | student, attention % | "
+        "training images per teacher | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         attention = "n/a" if row["attention"] is None else f"{100 * row['attention']:.2f}"
         images = " / ".join(f"{u:,}" for u in row["training_images_per_teacher"])
         lines.append(
-            f"| {row['row']} | {row['iterations']} | {100 * row['mean']:.2f} | {attention} | "
+            f"| {row['row']} | {row['iterations']} | {row['ended_by']['reason']} | "
+            f"{100 * row['mean']:.2f} | {attention} | "
             f"{images} | {row['wall_seconds']:.0f} |"
         )
     with RESULTS.open("a") as handle:

@@ -113,6 +113,9 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         f"{summary['train_seconds']:.0f} s on {summary['device']}.",
         "",
     ]
+    ended = _ended_by(summary.get("ended_by"), summary["iterations"])
+    if ended:
+        lines += [ended, ""]
     if summary.get("data") is None:
         lines += [
             "Data-free run: the student side read no real image, so no accuracy was computed "
@@ -130,6 +133,29 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
     ]
     lines += [f"![{name}]({name})" for name in plots]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _ended_by(ended_by: dict[str, Any] | None, iterations: int) -> str:
+    """A sentence on why training stopped ("" when it ran all its iterations)."""
+    if ended_by is None or ended_by["reason"] == "completed":
+        return ""
+    if ended_by["reason"] == "teacher_budget":
+        name = ended_by["name"] or "?"
+        budget = ended_by["budget"] or "budget"
+        return (
+            f"**Ended by a teacher's budget:** teacher {ended_by['teacher']} `{name}` "
+            f"({ended_by['address']}) had answered {ended_by['used']:,} of its "
+            f"`{budget}` of {ended_by['limit']:,} images and refused a request of "
+            f"{ended_by['requested']:,} more during iteration {iterations + 1}. The student "
+            f"reported here is the one after iteration {iterations}, the last completed; "
+            "`--resume` continues from it once the owner grants more."
+        )
+    if ended_by["reason"] == "max_seconds":
+        return (
+            f"Stopped at the time limit (`max_seconds` = {ended_by['max_seconds']}) after "
+            f"iteration {iterations}."
+        )
+    return f"Interrupted after iteration {iterations}; `--resume` continues."
 
 
 def _accuracy_table(summary: dict[str, Any]) -> list[str]:

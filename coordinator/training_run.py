@@ -45,12 +45,17 @@ from cdfkd.student_node.checkpoint import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
+    restore_payload,
     save_checkpoint,
     state_payload,
     write_checkpoint,
 )
 from cdfkd.student_node.config import Method
-from cdfkd.student_node.errors import NonFiniteLossError, RemoteTeacherError
+from cdfkd.student_node.errors import (
+    NonFiniteLossError,
+    RemoteTeacherError,
+    TeacherBudgetExhausted,
+)
 from cdfkd.student_node.evaluate import (
     StudentEvaluation,
     TeacherEvaluation,
@@ -102,12 +107,16 @@ class RunResult:
     attention_samples: int
     teacher_traffic: list[dict[str, Any]]
     data: str | None = None
+    ended_by: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written to ``result.json`` (and extended by the demo).
 
         ``data`` names the real data the coordinator used; in a data-free run it is None, and
         so are every accuracy (none is computed) and ``attention_samples`` is 0.
+        ``ended_by`` says why training stopped: ``{"reason": "completed"}``, ``"max_seconds"``,
+        ``"interrupted"``, or ``"teacher_budget"`` with the teacher and the budget that ended it
+        (see :func:`budget_end`).
         """
         teachers, student = self.teachers, self.student
         return {
@@ -117,6 +126,7 @@ class RunResult:
             "iterations": self.iterations,
             "train_seconds": round(self.train_seconds, 2),
             "stopped_early": self.stopped_early,
+            "ended_by": self.ended_by,
             "teacher_accuracies": None if teachers is None else teachers.teachers,
             "teacher_ensemble_accuracy": None if teachers is None else teachers.ensemble,
             "teacher_parameters": self.teacher_parameters,
@@ -130,6 +140,37 @@ class RunResult:
             "wire_bytes": sum(t["bytes_sent"] + t["bytes_received"] for t in self.teacher_traffic),
             "teacher_traffic": self.teacher_traffic,
         }
+
+
+def budget_end(
+    error: TeacherBudgetExhausted, teachers: Sequence[Teacher], iteration: int
+) -> dict[str, Any]:
+    """The ``ended_by`` record of a run that a teacher's budget ended after ``iteration``.
+
+    ``teacher`` is the header index of the node that refused (matched by address), ``name``
+    its name; ``budget``, ``limit``, ``used`` and ``requested`` are the node's account of the
+    budget (``budget_images`` or ``budget_images_per_day``, in images).
+    """
+    index = next(
+        (
+            i
+            for i, t in enumerate(teachers)
+            if isinstance(t, RemoteTeacher) and t.config.address == error.address
+        ),
+        None,
+    )
+    return {
+        "reason": "teacher_budget",
+        "teacher": index,
+        "name": None if index is None else teachers[index].info().name,
+        "address": error.address,
+        "budget": error.budget or None,
+        "limit": error.limit,
+        "used": error.used,
+        "requested": error.requested,
+        "iteration": iteration,
+        "message": str(error),
+    }
 
 
 def load_teachers(config: RunConfig, device: torch.device) -> list[Teacher]:
@@ -295,6 +336,7 @@ def _distill(
         load_checkpoint(found, state, fingerprint)
     else:
         save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    start_iteration = state.iteration
     # The state after the last completed iteration: what a failure mid-iteration falls back to.
     last_good = state_payload(state, fingerprint)
 
@@ -341,6 +383,7 @@ def _distill(
             return True
         return config.run.max_seconds is not None and elapsed() >= config.run.max_seconds
 
+    ended_by: dict[str, Any] | None = None
     try:
         train(
             state,
@@ -358,6 +401,28 @@ def _distill(
             should_stop=should_stop,
             executor=executor,
         )
+    except TeacherBudgetExhausted as error:
+        # An owner's budget is spent: keep and evaluate the last completed iteration, unless
+        # this invocation completed none (then there is nothing new to keep: exit 4).
+        saved = write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
+        if int(last_good["iteration"]) == start_iteration:
+            logger.error(
+                "a teacher's budget ended the run before its first iteration completed; the "
+                "checkpoint is %s (resume with --resume once the owner grants more)",
+                saved,
+            )
+            raise
+        restore_payload(state, last_good)
+        ended_by = budget_end(error, teachers, state.iteration)
+        logger.warning(
+            "teacher %s (%s) has no budget left: training ends after iteration %d (checkpoint "
+            "%s), which is evaluated; %s",
+            ended_by["name"],
+            error.address,
+            state.iteration,
+            saved,
+            error,
+        )
     except (NonFiniteLossError, RemoteTeacherError) as error:
         saved = write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
         what = "training diverged" if isinstance(error, NonFiniteLossError) else "a teacher failed"
@@ -369,13 +434,17 @@ def _distill(
     train_seconds = elapsed()
     save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
+    if ended_by is None:
+        ended_by = _why_stopped(stopped_early, stop_event, config.run.max_seconds)
 
     teacher_result: TeacherEvaluation | None = None
     student_result: StudentEvaluation | None = None
     aggregator: AttentionAggregator | None = None
     if real is not None:
         test_labels = real.test.labels.to(device)
-        teacher_result = evaluate_teachers(run_teachers, real.test_images, test_labels)
+        teacher_result = evaluate_teachers(
+            run_teachers, real.test_images, test_labels, skip_exhausted=True
+        )
         aggregator = _fit_attention(state, real, space, config, device)
         student_result = evaluate_student(state.student, real.test_images, test_labels, aggregator)
     writer.write(
@@ -385,6 +454,7 @@ def _distill(
         accuracy_mean=None if student_result is None else student_result.mean,
         accuracy_attention=None if student_result is None else student_result.attention,
         accuracy_headers=None if student_result is None else student_result.headers,
+        ended_by=ended_by["reason"],
     )
     writer.close()
     save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos, space)
@@ -413,9 +483,21 @@ def _distill(
             if isinstance(t, RemoteTeacher)
         ],
         data=None if real is None else real.source,
+        ended_by=ended_by,
     )
     _write_outputs(out, state, space, result, train_config.generator.latent_dim)
     return result
+
+
+def _why_stopped(
+    stopped_early: bool, stop_event: threading.Event | None, max_seconds: float | None
+) -> dict[str, Any]:
+    """``ended_by`` of a run that no budget ended."""
+    if not stopped_early:
+        return {"reason": "completed"}
+    if stop_event is not None and stop_event.is_set():
+        return {"reason": "interrupted"}
+    return {"reason": "max_seconds", "max_seconds": max_seconds}
 
 
 def _teacher_parameters(config: RunConfig, index: int) -> int | None:

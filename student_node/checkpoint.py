@@ -143,6 +143,17 @@ def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
             f"{path} was written by a run whose configuration changes the math differently "
             "(fingerprint mismatch): resume with the same config, or start a new output folder"
         )
+    restore_payload(state, payload)
+    logger.info("resumed from %s at iteration %d", path, state.iteration)
+
+
+def restore_payload(state: TrainState, payload: dict[str, Any]) -> None:
+    """Put ``state`` back to a :func:`state_payload` snapshot (e.g. after a failed iteration).
+
+    The snapshot is copied first: optimizers keep the tensors they load, and later steps must
+    not change a snapshot that may still be written as a checkpoint.
+    """
+    payload = _cloned(payload)
     state.student.load_state_dict(payload["student"])
     state.generator.load_state_dict(payload["generator"])
     state.student_optimizer.load_state_dict(payload["student_optimizer"])
@@ -151,4 +162,3 @@ def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
     state.generator_scheduler.load_state_dict(payload["generator_scheduler"])
     state.rng.set_state(payload["rng"])
     state.iteration = int(payload["iteration"])
-    logger.info("resumed from %s at iteration %d", path, state.iteration)
