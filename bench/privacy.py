@@ -142,7 +142,11 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         "iterations": result.iterations,
         "mean": result.student.mean,
         "attention": result.student.attention,
-        "training_images_per_teacher": [u - TEST_IMAGES for u in used],
+        # The run's own accounting (coordinator/accounting.py); the nodes' ledgers also hold
+        # the evaluation's queries.
+        "training_images_per_teacher": result.summary()["teacher_images_per_teacher"],
+        "node_ledger_images": used,
+        "training_wire_bytes_per_teacher": result.summary()["training_wire_bytes_per_teacher"],
         "budget_per_teacher": budget,
         "wall_seconds": round(seconds, 1),
     }

@@ -125,6 +125,7 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         ]
     else:
         lines += _accuracy_table(summary)
+    lines += _cost_table(summary)
     lines += [
         f"Student parameters: {summary['student_parameters']:,}; "
         f"teacher parameters (each, stays with its owner): "
@@ -156,6 +157,50 @@ def _ended_by(ended_by: dict[str, Any] | None, iterations: int) -> str:
             f"iteration {iterations}."
         )
     return f"Interrupted after iteration {iterations}; `--resume` continues."
+
+
+def _images(value: int | None) -> str:
+    return "not metered" if value is None else f"{value:,}"
+
+
+def _megabytes(value: int | None) -> str:
+    return "not metered" if value is None else f"{value / 1e6:,.2f}"
+
+
+def _cost_table(summary: dict[str, Any]) -> list[str]:
+    """What the run cost each teacher's owner (``coordinator/accounting.py``)."""
+    traffic = summary.get("teacher_traffic") or []
+    if not traffic:
+        return []
+    lines = [
+        "What the teachers answered (training: the whole run, across resumes; evaluation: the "
+        "final accuracy of the teachers). Wire bytes are serialized gRPC messages sent and "
+        "received; an in-process teacher sends none.",
+        "",
+        "| teacher | transport | training images | training wire MB | evaluation images |",
+        "|---|---|---|---|---|",
+    ]
+    for index, entry in enumerate(traffic):
+        lines.append(
+            f"| {index} `{entry['teacher']}`"
+            + (f" ({entry['address']})" if entry["address"] else "")
+            + f" | {entry['transport'] or 'not metered'} | {_images(entry['training_images'])} | "
+            f"{_megabytes(entry['training_wire_bytes'])} | "
+            f"{_images(entry['evaluation_images'])} |"
+        )
+    lines.append(
+        f"| **all** | | **{_images(summary['teacher_images'])}** | "
+        f"**{_megabytes(summary['training_wire_bytes'])}** | "
+        f"{_images(summary['evaluation_teacher_images'])} |"
+    )
+    per_million = summary.get("accuracy_per_million_teacher_images")
+    if per_million is not None:
+        lines += [
+            "",
+            f"Accuracy per million teacher images (student, mean of headers, over the training "
+            f"images of all teachers): {100 * per_million:.3f} points.",
+        ]
+    return [*lines, ""]
 
 
 def _accuracy_table(summary: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdfkd.coordinator.accounting import USAGE_KEY, TeacherMeter, totals
 from cdfkd.coordinator.config import (
     PackageTeacher,
     RunConfig,
@@ -46,7 +47,6 @@ from cdfkd.student_node.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_payload,
-    save_checkpoint,
     state_payload,
     write_checkpoint,
 )
@@ -135,9 +135,7 @@ class RunResult:
             "student_accuracy_attention": None if student is None else student.attention,
             "student_parameters": self.student_parameters,
             "attention_samples": self.attention_samples,
-            "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
-            "rpc_retries": sum(t["retries"] for t in self.teacher_traffic),
-            "wire_bytes": sum(t["bytes_sent"] + t["bytes_received"] for t in self.teacher_traffic),
+            **totals(self.teacher_traffic, None if student is None else student.mean),
             "teacher_traffic": self.teacher_traffic,
         }
 
@@ -332,13 +330,18 @@ def _distill(
 
     state = init_state(train_config, infos, device, space.image_shape)
     fingerprint = config_fingerprint(train_config)
-    if found is not None:
-        load_checkpoint(found, state, fingerprint)
-    else:
-        save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    loaded = load_checkpoint(found, state, fingerprint) if found is not None else {}
+    meter = TeacherMeter(teachers, loaded.get(USAGE_KEY))
+
+    def snapshot() -> dict[str, Any]:
+        """The state and the teachers' training usage so far (what a checkpoint holds)."""
+        return {**state_payload(state, fingerprint), USAGE_KEY: meter.training()}
+
+    if found is None:
+        write_checkpoint(checkpoints, snapshot(), config.run.keep_checkpoints)
     start_iteration = state.iteration
     # The state after the last completed iteration: what a failure mid-iteration falls back to.
-    last_good = state_payload(state, fingerprint)
+    last_good = snapshot()
 
     writer = MetricsWriter(out / "metrics.jsonl")
     started = time.monotonic()
@@ -367,7 +370,7 @@ def _distill(
 
     def remember(state: TrainState, metrics: IterationMetrics) -> None:
         nonlocal last_good
-        last_good = state_payload(state, fingerprint)
+        last_good = snapshot()
 
     def checkpoint_now(state: TrainState, metrics: IterationMetrics) -> None:
         write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
@@ -432,7 +435,8 @@ def _distill(
         if reporter is not None:
             reporter.close()
     train_seconds = elapsed()
-    save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    meter.end_training()
+    write_checkpoint(checkpoints, snapshot(), config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
     if ended_by is None:
         ended_by = _why_stopped(stopped_early, stop_event, config.run.max_seconds)
@@ -471,17 +475,7 @@ def _distill(
         student=student_result,
         student_parameters=sum(p.numel() for p in state.student.parameters()),
         attention_samples=0 if aggregator is None else train_config.attention.samples,
-        teacher_traffic=[
-            {
-                "address": t.config.address,
-                "rpc_calls": t.calls,
-                "retries": t.retries,
-                "bytes_sent": t.bytes_sent,
-                "bytes_received": t.bytes_received,
-            }
-            for t in teachers
-            if isinstance(t, RemoteTeacher)
-        ],
+        teacher_traffic=meter.traffic(),
         data=None if real is None else real.source,
         ended_by=ended_by,
     )

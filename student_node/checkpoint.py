@@ -126,8 +126,11 @@ def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: 
     return write_checkpoint(directory, state_payload(state, fingerprint), keep)
 
 
-def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
-    """Restore ``state`` in place from ``path``.
+def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> dict[str, Any]:
+    """Restore ``state`` in place from ``path``; return the whole payload.
+
+    The payload may hold entries beyond the state, written by the run that owns the
+    checkpoint (``coordinator/training_run.py`` keeps its teacher accounting there).
 
     Raises:
         CheckpointError: unreadable file, other format, or a config whose math differs.
@@ -145,6 +148,7 @@ def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
         )
     restore_payload(state, payload)
     logger.info("resumed from %s at iteration %d", path, state.iteration)
+    return payload
 
 
 def restore_payload(state: TrainState, payload: dict[str, Any]) -> None:

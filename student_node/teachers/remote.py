@@ -183,6 +183,9 @@ class RemoteTeacher:
         #: (HTTP/2 framing and TLS records come on top; bench/remote.py measures them).
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Images in the answers received (Query and InputGrad; a zeroth-order estimate's
+        #: probes are queries): what the node charged this caller for them.
+        self.images_answered = 0
         metadata = self._call(
             "GetMetadata", self._stub.GetMetadata, teacher_pb2.GetMetadataRequest()
         )
@@ -233,6 +236,7 @@ class RemoteTeacher:
         )
         reply = self._call("Query", self._stub.Query, request)
         batch = images.shape[0]
+        self.images_answered += batch
         device = images.device
         logits = self._decode(reply.logits, "logits", (batch, self._info.num_classes))
         returned = None
@@ -266,6 +270,7 @@ class RemoteTeacher:
             response_dtype=self.config.wire_dtype,
         )
         reply = self._call("InputGrad", self._stub.InputGrad, request)
+        self.images_answered += images.shape[0]
         gradient = self._decode(reply.grad_images, "grad_images", tuple(images.shape))
         return gradient.to(images.device)
 

@@ -61,6 +61,11 @@ def test_a_spent_budget_ends_the_run_on_its_last_completed_iteration(
     assert ended["iteration"] == 3
     # The node's own ledger: everything answered, the refused request not charged.
     assert json.loads(ledger.read_text())["student"]["total"] == 416
+    # ... and the run's accounting: all of it training (the cut iteration included), none
+    # evaluation (refused).
+    spent = summary["teacher_traffic"][0]
+    assert (spent["training_images"], spent["evaluation_images"]) == (416, 0)
+    assert summary["teacher_images_per_teacher"][0] == 416
     # The exhausted teacher could not be evaluated; the others were; the student was.
     assert summary["teacher_accuracies"][0] is None
     assert summary["teacher_accuracies"][1] > 0.85
