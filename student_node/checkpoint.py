@@ -1,7 +1,8 @@
 """TrainState checkpoints: atomic writes, ``weights_only`` loads, config fingerprints.
 
 A checkpoint holds the student, the generator, both optimizers and schedulers, the iteration,
-the RNG state, the config fingerprint and the code version. Never a teacher's parameters.
+the RNG state, the replay memory (when the run keeps one: generated images and the teachers'
+answers to them), the config fingerprint and the code version. Never a teacher's parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _NON_MATH_FIELDS = {"epochs", "attention"}
 
 
 #: Fields added later: left out while unset, so earlier checkpoints keep their fingerprint.
-_LATER_FIELDS = ("image_shape", "normalization")
+_LATER_FIELDS = ("image_shape", "normalization", "replay")
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -101,6 +102,8 @@ def state_payload(state: TrainState, fingerprint: str) -> dict[str, Any]:
             "student_scheduler": state.student_scheduler.state_dict(),
             "generator_scheduler": state.generator_scheduler.state_dict(),
             "rng": state.rng.get_state(),
+            # The replay memory with its cached answers: what later iterations draw from.
+            **({} if state.replay is None else {"replay": state.replay.state_dict()}),
         }
     )
 
@@ -166,3 +169,9 @@ def restore_payload(state: TrainState, payload: dict[str, Any]) -> None:
     state.generator_scheduler.load_state_dict(payload["generator_scheduler"])
     state.rng.set_state(payload["rng"])
     state.iteration = int(payload["iteration"])
+    if state.replay is not None:
+        if "replay" not in payload:
+            raise CheckpointError("this run keeps a replay memory but the checkpoint holds none")
+        device = next(state.student.parameters()).device
+        state.replay.load_state_dict(payload["replay"])
+        state.replay.to(device)
