@@ -1,20 +1,25 @@
 """Privacy against utility: the same distillation under each owner choice, at equal query budgets.
 
-    python bench/privacy.py --out DIR [--quick] [--budget-iterations N]
-    python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-min M]
+    python bench/privacy.py --out DIR [--quick] [--budget-iterations N] [--rows NAME ...]
+    python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
 budget of ``N`` iterations of the full protocol, so that black-box rows (whose zeroth-order
-gradient estimate costs queries) run fewer iterations. Rows: full; no_features; Gaussian logit
-noise at three sigmas; one teacher logits_only; all logits_only. Writes DIR/privacy.json and
-appends a table to bench/RESULTS.md.
+gradient estimate costs queries) run fewer iterations; a teacher is black-box when its node
+gives this caller no input gradients (``logits_only``, and any rule with logit noise, which
+refuses exact gradients). Rows: full; no_features; Gaussian logit noise at three sigmas; one
+teacher logits_only; all logits_only. A row whose budget runs out anyway ends on its last
+completed iteration (``ended_by`` in the row). Writes DIR/privacy.json and appends a table to
+bench/RESULTS.md.
 
 ``--epsilon-table``: utility against epsilon. For each epsilon, three owners train teachers on
 disjoint thirds of Fashion-MNIST with differential privacy (``cdfkd teacher train
 --dp-epsilon``: LeNet-5-GN, DP-SGD, released prior statistics, delta 1e-5), and CDFKD-MFS
-distills them for the same wall-clock budget (``--distill-min``, 15 by default). ``inf`` is
+distills them for the same iteration budget (``--distill-iterations``, 900 by default:
+about 15 minutes of CDFKD-MFS on 2 idle cores; iterations, so that every epsilon gets the same
+teacher queries whatever else runs on the machine). ``inf`` is
 the non-private reference: the usual LeNet-5-BN teachers. Reports each teacher's test
 accuracy, the ensemble's, and the student's (mean of headers). Writes DIR/epsilon_table.json
 and appends a table to bench/RESULTS.md. Teachers are served in-process: the guarantee does
@@ -40,12 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
-from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa: E402
+from cdfkd.coordinator.config import (  # noqa: E402
+    DataConfig,
+    PackageTeacher,
+    RunConfig,
+    RunSettings,
+)
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
-from cdfkd.student_node.teachers.remote import RemoteTeacherConfig  # noqa: E402
+from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
+from cdfkd.teacher_node.package import read_metadata  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.privacy import PrivacySettings  # noqa: E402
 from cdfkd.teacher_node.training import TeacherJob  # noqa: E402
@@ -57,11 +68,13 @@ DIRECTIONS = 8  # zeroth-order directions for logits-only teachers
 
 
 def train_config(iterations: int) -> TrainConfig:
-    epochs = max(1, iterations // 25)
+    """Exactly ``iterations`` iterations (epochs of 25 where they divide it), decay at 4/5."""
+    per_epoch = math.gcd(max(1, iterations), 25)
+    epochs = max(1, iterations // per_epoch)
     return TrainConfig.model_validate(
         {
             "batch_size": 128,
-            "iterations_per_epoch": 25,
+            "iterations_per_epoch": per_epoch,
             "epochs": epochs,
             "optimizer": {"milestones": [max(1, epochs * 4 // 5)]},
             "generator": {"latent_dim": 256, "width": 8},
@@ -101,10 +114,6 @@ def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
 
 def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, out: Path) -> dict:
     node_budget = budget + TEST_IMAGES + 1024  # training budget + the evaluation's queries
-    black_box = [rule.get("mode") == "logits_only" for rule in rules]
-    base = train_config(1)
-    iterations = budget // max(images_per_iteration(base, b) for b in black_box)
-    train = train_config(iterations)
     with ExitStack() as stack:
         nodes = []
         for index, (package, rule) in enumerate(zip(packages, rules, strict=True)):
@@ -116,19 +125,26 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
                     TeacherNodeProcess(package, directory, pki, threads=1, policy=policy)
                 )
             )
+        remotes = tuple(
+            RemoteTeacherConfig(
+                address=n.address,
+                ca=pki.ca.cert,
+                cert=pki.client.cert,
+                key=pki.client.key,
+                zeroth_order_directions=DIRECTIONS,
+            )
+            for n in nodes
+        )
+        black_box = []
+        for remote in remotes:  # what each node gives this caller (GetMetadata, no budget)
+            with RemoteTeacher(remote) as teacher:
+                black_box.append("input_grad" not in teacher.info().allowed_outputs)
+        base = train_config(1)
+        iterations = budget // max(images_per_iteration(base, b) for b in black_box)
         config = RunConfig(
             data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-            teachers=tuple(
-                RemoteTeacherConfig(
-                    address=n.address,
-                    ca=pki.ca.cert,
-                    cert=pki.client.cert,
-                    key=pki.client.key,
-                    zeroth_order_directions=DIRECTIONS,
-                )
-                for n in nodes
-            ),
-            train=train,
+            teachers=remotes,
+            train=train_config(iterations),
             run=RunSettings(
                 device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
             ),
@@ -142,10 +158,16 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         ]
     return {
         "row": name,
+        "black_box": black_box,
+        "ended_by": result.ended_by,
         "iterations": result.iterations,
         "mean": result.student.mean,
         "attention": result.student.attention,
-        "training_images_per_teacher": [u - TEST_IMAGES for u in used],
+        # The run's own accounting (coordinator/accounting.py); the nodes' ledgers also hold
+        # the evaluation's queries.
+        "training_images_per_teacher": result.summary()["teacher_images_per_teacher"],
+        "node_ledger_images": used,
+        "training_wire_bytes_per_teacher": result.summary()["training_wire_bytes_per_teacher"],
         "budget_per_teacher": budget,
         "wall_seconds": round(seconds, 1),
     }
@@ -167,14 +189,22 @@ def dp_jobs(epsilon: float, delta: float, epochs: int, batch_size: int) -> list[
     ]
 
 
-def epsilon_row(epsilon: float, packages: list[Path], out: Path, budget_s: float) -> dict:
-    """Distill one federation for ``budget_s`` seconds; its teachers' guarantees and accuracy."""
-    from bench.quality import Plan, run_method
-    from cdfkd.student_node.config import Method
-    from cdfkd.teacher_node.package import read_metadata
+def epsilon_row(epsilon: float, packages: list[Path], out: Path, iterations: int) -> dict:
+    """Distill one federation for ``iterations``; its teachers' guarantees and accuracy.
 
+    The budget is iterations, not seconds, so every epsilon gets the same teacher queries
+    whatever else runs on the machine; the seconds are recorded.
+    """
     metadata = [read_metadata(p) for p in packages]
-    run = run_method(Method.CDFKD_MFS, packages, out, Plan(budget_s=budget_s))
+    config = RunConfig(
+        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
+        teachers=tuple(PackageTeacher(package=p) for p in packages),
+        train=train_config(iterations),
+        run=RunSettings(
+            device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
+        ),
+    )
+    result = run_training(config, out, show_progress=False)
     return {
         "epsilon": None if math.isinf(epsilon) else epsilon,
         "teacher_epsilons": [None if m.privacy is None else m.privacy.epsilon for m in metadata],
@@ -182,20 +212,19 @@ def epsilon_row(epsilon: float, packages: list[Path], out: Path, budget_s: float
             None if m.privacy is None else m.privacy.noise_multiplier for m in metadata
         ],
         "architecture": metadata[0].spec.architecture.value if metadata[0].spec else "owner",
-        "teachers": run["teachers"],
-        "teacher_ensemble": run["teacher_ensemble"],
-        "student_mean": run["mean"],
-        "student_headers": run["headers"],
-        "iterations": run["iterations"],
-        "train_seconds": run["train_seconds"],
+        "teachers": result.teachers.teachers,
+        "teacher_ensemble": result.teachers.ensemble,
+        "student_mean": result.student.mean,
+        "student_headers": result.student.headers,
+        "iterations": result.iterations,
+        "train_seconds": round(result.train_seconds, 1),
     }
 
 
 def epsilon_table(args: argparse.Namespace) -> None:
     """Utility against epsilon (``--epsilon-table``)."""
     started = time.monotonic()
-    minutes = args.distill_min if args.distill_min is not None else (1 if args.quick else 15)
-    budget_s = 60 * minutes
+    iterations = args.distill_iterations or (30 if args.quick else 900)
     dp_epochs = args.dp_epochs if args.dp_epochs is not None else (1 if args.quick else 8)
     teacher_epochs = 1 if args.quick else args.teacher_epochs
     args.out.mkdir(parents=True, exist_ok=True)
@@ -206,13 +235,13 @@ def epsilon_table(args: argparse.Namespace) -> None:
         else:
             jobs = dp_jobs(epsilon, args.delta, dp_epochs, args.dp_batch_size)
             packages = ensure_teachers(args.out / "dp-teachers", jobs)
-        rows.append(epsilon_row(epsilon, packages, args.out / f"eps-{epsilon:g}", budget_s))
+        rows.append(epsilon_row(epsilon, packages, args.out / f"eps-{epsilon:g}", iterations))
     report = {
         "delta": args.delta,
         "dp_epochs": dp_epochs,
         "dp_batch_size": args.dp_batch_size,
         "teacher_epochs_non_private": teacher_epochs,
-        "distill_seconds": budget_s,
+        "distill_iterations": iterations,
         "quick": args.quick,
         "rows": rows,
         "total_seconds": round(time.monotonic() - started, 1),
@@ -237,7 +266,7 @@ def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
         f"{report['delta']:g}, epsilon covering training and the released prior statistics "
         f"(PRV accountant); epsilon inf: the non-private LeNet-5-BN teachers "
         f"({report['teacher_epochs_non_private']} epochs). CDFKD-MFS, "
-        f"{report['distill_seconds'] / 60:.0f} min of distillation each, in-process teachers; "
+        f"{report['distill_iterations']} distillation iterations each, in-process teachers; "
         "accuracy on the 10,000 test images.\n",
         "| epsilon (accountant's, per teacher) | noise multiplier | teachers % | ensemble % | "
         "student, mean of headers % | vs. non-private student | iterations |",
@@ -280,9 +309,17 @@ def main() -> None:
         "--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf], metavar="E"
     )
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--distill-min", type=float, help="default 15; 1 with --quick")
+    parser.add_argument(
+        "--distill-iterations",
+        type=int,
+        help="distillation iterations per epsilon (default 900, about 15 min of CDFKD-MFS on 2 "
+        "idle cores; 30 with --quick)",
+    )
     parser.add_argument("--dp-epochs", type=int, help="DP-SGD epochs (default 8; 1 with --quick)")
     parser.add_argument("--dp-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--rows", nargs="+", choices=[name for name, _ in ROWS], help="run only these rows"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -297,6 +334,7 @@ def main() -> None:
     rows = [
         run_row(name, rules, packages, pki, budget, args.out / f"row-{index}")
         for index, (name, rules) in enumerate(ROWS)
+        if args.rows is None or name in args.rows
     ]
     report = {"budget_images_per_teacher": budget, "directions": DIRECTIONS, "rows": rows}
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -304,20 +342,23 @@ def main() -> None:
     command = f"python bench/privacy.py --out {args.out}" + (
         " --quick" if args.quick else f" --budget-iterations {args.budget_iterations}"
     )
+    if args.rows:
+        command += " --rows " + " ".join(f"'{row}'" for row in args.rows)
     lines = [
         f"\n### Privacy against utility, {stamp}\n",
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
         f"budget of {budget:,} images per teacher ({iterations} full-protocol iterations of batch "
         f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers.\n",
-        "| owner choice | iterations | student, mean % | student, attention % | training images "
-        "per teacher | wall s |",
-        "|---|---|---|---|---|---|",
+        "| owner choice | iterations | ended by | student, mean % | student, attention % | "
+        "training images per teacher | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         attention = "n/a" if row["attention"] is None else f"{100 * row['attention']:.2f}"
         images = " / ".join(f"{u:,}" for u in row["training_images_per_teacher"])
         lines.append(
-            f"| {row['row']} | {row['iterations']} | {100 * row['mean']:.2f} | {attention} | "
+            f"| {row['row']} | {row['iterations']} | {row['ended_by']['reason']} | "
+            f"{100 * row['mean']:.2f} | {attention} | "
             f"{images} | {row['wall_seconds']:.0f} |"
         )
     with RESULTS.open("a") as handle:

@@ -179,7 +179,7 @@ def run_demo(
         summary["total_seconds"],
         100 * result["student_accuracy_mean"],
         "n/a" if flower is None else f"{100 * flower['accuracy_attention']:.2f} %",
-        [round(100 * a, 2) for a in result["teacher_accuracies"]],
+        [None if a is None else round(100 * a, 2) for a in result["teacher_accuracies"]],
         out / "report.md",
     )
     return summary

@@ -113,6 +113,9 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         f"{summary['train_seconds']:.0f} s on {summary['device']}.",
         "",
     ]
+    ended = _ended_by(summary.get("ended_by"), summary["iterations"])
+    if ended:
+        lines += [ended, ""]
     if summary.get("data") is None:
         lines += [
             "Data-free run: the student side read no real image, so no accuracy was computed "
@@ -122,6 +125,7 @@ def write_report(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> N
         ]
     else:
         lines += _accuracy_table(summary)
+    lines += _cost_table(summary)
     lines += [
         f"Student parameters: {summary['student_parameters']:,} "
         f"({summary.get('student_parameters_inference', summary['student_parameters']):,} at "
@@ -152,6 +156,73 @@ def _privacy_lines(summary: dict[str, Any]) -> list[str]:
     lines = ["Teachers' privacy guarantees (as each owner's node or package states them):", ""]
     for index, privacy in enumerate(guarantees):
         lines.append(f"- teacher {index}: {describe_guarantee(privacy)}")
+    return [*lines, ""]
+
+
+def _ended_by(ended_by: dict[str, Any] | None, iterations: int) -> str:
+    """A sentence on why training stopped ("" when it ran all its iterations)."""
+    if ended_by is None or ended_by["reason"] == "completed":
+        return ""
+    if ended_by["reason"] == "teacher_budget":
+        name = ended_by["name"] or "?"
+        budget = ended_by["budget"] or "budget"
+        return (
+            f"**Ended by a teacher's budget:** teacher {ended_by['teacher']} `{name}` "
+            f"({ended_by['address']}) had answered {ended_by['used']:,} of its "
+            f"`{budget}` of {ended_by['limit']:,} images and refused a request of "
+            f"{ended_by['requested']:,} more during iteration {iterations + 1}. The student "
+            f"reported here is the one after iteration {iterations}, the last completed; "
+            "`--resume` continues from it once the owner grants more."
+        )
+    if ended_by["reason"] == "max_seconds":
+        return (
+            f"Stopped at the time limit (`max_seconds` = {ended_by['max_seconds']}) after "
+            f"iteration {iterations}."
+        )
+    return f"Interrupted after iteration {iterations}; `--resume` continues."
+
+
+def _images(value: int | None) -> str:
+    return "not metered" if value is None else f"{value:,}"
+
+
+def _megabytes(value: int | None) -> str:
+    return "not metered" if value is None else f"{value / 1e6:,.2f}"
+
+
+def _cost_table(summary: dict[str, Any]) -> list[str]:
+    """What the run cost each teacher's owner (``coordinator/accounting.py``)."""
+    traffic = summary.get("teacher_traffic") or []
+    if not traffic:
+        return []
+    lines = [
+        "What the teachers answered (training: the whole run, across resumes; evaluation: the "
+        "final accuracy of the teachers). Wire bytes are serialized gRPC messages sent and "
+        "received; an in-process teacher sends none.",
+        "",
+        "| teacher | transport | training images | training wire MB | evaluation images |",
+        "|---|---|---|---|---|",
+    ]
+    for index, entry in enumerate(traffic):
+        lines.append(
+            f"| {index} `{entry['teacher']}`"
+            + (f" ({entry['address']})" if entry["address"] else "")
+            + f" | {entry['transport'] or 'not metered'} | {_images(entry['training_images'])} | "
+            f"{_megabytes(entry['training_wire_bytes'])} | "
+            f"{_images(entry['evaluation_images'])} |"
+        )
+    lines.append(
+        f"| **all** | | **{_images(summary['teacher_images'])}** | "
+        f"**{_megabytes(summary['training_wire_bytes'])}** | "
+        f"{_images(summary['evaluation_teacher_images'])} |"
+    )
+    per_million = summary.get("accuracy_per_million_teacher_images")
+    if per_million is not None:
+        lines += [
+            "",
+            f"Accuracy per million teacher images (student, mean of headers, over the training "
+            f"images of all teachers): {100 * per_million:.3f} points.",
+        ]
     return [*lines, ""]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdfkd.coordinator.accounting import USAGE_KEY, TeacherMeter, totals
 from cdfkd.coordinator.config import (
     PackageTeacher,
     RunConfig,
@@ -45,12 +46,16 @@ from cdfkd.student_node.checkpoint import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    restore_payload,
     state_payload,
     write_checkpoint,
 )
 from cdfkd.student_node.config import Method
-from cdfkd.student_node.errors import NonFiniteLossError, RemoteTeacherError
+from cdfkd.student_node.errors import (
+    NonFiniteLossError,
+    RemoteTeacherError,
+    TeacherBudgetExhausted,
+)
 from cdfkd.student_node.evaluate import (
     StudentEvaluation,
     TeacherEvaluation,
@@ -107,12 +112,16 @@ class RunResult:
     teacher_privacy: list[dict[str, Any] | None] = field(default_factory=list)
     #: Parameters at inference: ``student_parameters`` less the training-only projections.
     student_parameters_inference: int = 0
+    ended_by: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The flat summary written to ``result.json`` (and extended by the demo).
 
         ``data`` names the real data the coordinator used; in a data-free run it is None, and
         so are every accuracy (none is computed) and ``attention_samples`` is 0.
+        ``ended_by`` says why training stopped: ``{"reason": "completed"}``, ``"max_seconds"``,
+        ``"interrupted"``, or ``"teacher_budget"`` with the teacher and the budget that ended it
+        (see :func:`budget_end`).
         """
         teachers, student = self.teachers, self.student
         return {
@@ -122,6 +131,7 @@ class RunResult:
             "iterations": self.iterations,
             "train_seconds": round(self.train_seconds, 2),
             "stopped_early": self.stopped_early,
+            "ended_by": self.ended_by,
             "teacher_accuracies": None if teachers is None else teachers.teachers,
             "teacher_ensemble_accuracy": None if teachers is None else teachers.ensemble,
             "teacher_parameters": self.teacher_parameters,
@@ -132,11 +142,40 @@ class RunResult:
             "student_parameters": self.student_parameters,
             "student_parameters_inference": self.student_parameters_inference,
             "attention_samples": self.attention_samples,
-            "rpc_calls": sum(t["rpc_calls"] for t in self.teacher_traffic),
-            "rpc_retries": sum(t["retries"] for t in self.teacher_traffic),
-            "wire_bytes": sum(t["bytes_sent"] + t["bytes_received"] for t in self.teacher_traffic),
+            **totals(self.teacher_traffic, None if student is None else student.mean),
             "teacher_traffic": self.teacher_traffic,
         }
+
+
+def budget_end(
+    error: TeacherBudgetExhausted, teachers: Sequence[Teacher], iteration: int
+) -> dict[str, Any]:
+    """The ``ended_by`` record of a run that a teacher's budget ended after ``iteration``.
+
+    ``teacher`` is the header index of the node that refused (matched by address), ``name``
+    its name; ``budget``, ``limit``, ``used`` and ``requested`` are the node's account of the
+    budget (``budget_images`` or ``budget_images_per_day``, in images).
+    """
+    index = next(
+        (
+            i
+            for i, t in enumerate(teachers)
+            if isinstance(t, RemoteTeacher) and t.config.address == error.address
+        ),
+        None,
+    )
+    return {
+        "reason": "teacher_budget",
+        "teacher": index,
+        "name": None if index is None else teachers[index].info().name,
+        "address": error.address,
+        "budget": error.budget or None,
+        "limit": error.limit,
+        "used": error.used,
+        "requested": error.requested,
+        "iteration": iteration,
+        "message": str(error),
+    }
 
 
 def load_teachers(config: RunConfig, device: torch.device) -> list[Teacher]:
@@ -311,12 +350,18 @@ def _distill(
 
     state = init_state(train_config, infos, device, space.image_shape)
     fingerprint = config_fingerprint(train_config)
-    if found is not None:
-        load_checkpoint(found, state, fingerprint)
-    else:
-        save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    loaded = load_checkpoint(found, state, fingerprint) if found is not None else {}
+    meter = TeacherMeter(teachers, loaded.get(USAGE_KEY))
+
+    def snapshot() -> dict[str, Any]:
+        """The state and the teachers' training usage so far (what a checkpoint holds)."""
+        return {**state_payload(state, fingerprint), USAGE_KEY: meter.training()}
+
+    if found is None:
+        write_checkpoint(checkpoints, snapshot(), config.run.keep_checkpoints)
+    start_iteration = state.iteration
     # The state after the last completed iteration: what a failure mid-iteration falls back to.
-    last_good = state_payload(state, fingerprint)
+    last_good = snapshot()
 
     writer = MetricsWriter(out / "metrics.jsonl")
     started = clock()
@@ -345,7 +390,7 @@ def _distill(
 
     def remember(state: TrainState, metrics: IterationMetrics) -> None:
         nonlocal last_good
-        last_good = state_payload(state, fingerprint)
+        last_good = snapshot()
 
     def checkpoint_now(state: TrainState, metrics: IterationMetrics) -> None:
         write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
@@ -361,6 +406,7 @@ def _distill(
             return True
         return config.run.max_seconds is not None and elapsed() >= config.run.max_seconds
 
+    ended_by: dict[str, Any] | None = None
     try:
         train(
             state,
@@ -378,6 +424,28 @@ def _distill(
             should_stop=should_stop,
             executor=executor,
         )
+    except TeacherBudgetExhausted as error:
+        # An owner's budget is spent: keep and evaluate the last completed iteration, unless
+        # this invocation completed none (then there is nothing new to keep: exit 4).
+        saved = write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
+        if int(last_good["iteration"]) == start_iteration:
+            logger.error(
+                "a teacher's budget ended the run before its first iteration completed; the "
+                "checkpoint is %s (resume with --resume once the owner grants more)",
+                saved,
+            )
+            raise
+        restore_payload(state, last_good)
+        ended_by = budget_end(error, teachers, state.iteration)
+        logger.warning(
+            "teacher %s (%s) has no budget left: training ends after iteration %d (checkpoint "
+            "%s), which is evaluated; %s",
+            ended_by["name"],
+            error.address,
+            state.iteration,
+            saved,
+            error,
+        )
     except (NonFiniteLossError, RemoteTeacherError) as error:
         saved = write_checkpoint(checkpoints, last_good, config.run.keep_checkpoints)
         what = "training diverged" if isinstance(error, NonFiniteLossError) else "a teacher failed"
@@ -387,15 +455,20 @@ def _distill(
         if reporter is not None:
             reporter.close()
     train_seconds = elapsed()
-    save_checkpoint(checkpoints, state, fingerprint, config.run.keep_checkpoints)
+    meter.end_training()
+    write_checkpoint(checkpoints, snapshot(), config.run.keep_checkpoints)
     stopped_early = state.iteration < train_config.total_iterations
+    if ended_by is None:
+        ended_by = _why_stopped(stopped_early, stop_event, config.run.max_seconds)
 
     teacher_result: TeacherEvaluation | None = None
     student_result: StudentEvaluation | None = None
     aggregator: AttentionAggregator | None = None
     if real is not None:
         test_labels = real.test.labels.to(device)
-        teacher_result = evaluate_teachers(run_teachers, real.test_images, test_labels)
+        teacher_result = evaluate_teachers(
+            run_teachers, real.test_images, test_labels, skip_exhausted=True
+        )
         aggregator = _fit_attention(state, real, space, config, device)
         student_result = evaluate_student(state.student, real.test_images, test_labels, aggregator)
     writer.write(
@@ -405,6 +478,7 @@ def _distill(
         accuracy_mean=None if student_result is None else student_result.mean,
         accuracy_attention=None if student_result is None else student_result.attention,
         accuracy_headers=None if student_result is None else student_result.headers,
+        ended_by=ended_by["reason"],
     )
     writer.close()
     save_student(out / STUDENT_DIR, state.student, aggregator, train_config, infos, space)
@@ -426,21 +500,23 @@ def _distill(
         student_parameters=sum(p.numel() for p in state.student.parameters()),
         student_parameters_inference=inference_parameters(state.student),
         attention_samples=0 if aggregator is None else train_config.attention.samples,
-        teacher_traffic=[
-            {
-                "address": t.config.address,
-                "rpc_calls": t.calls,
-                "retries": t.retries,
-                "bytes_sent": t.bytes_sent,
-                "bytes_received": t.bytes_received,
-            }
-            for t in teachers
-            if isinstance(t, RemoteTeacher)
-        ],
+        teacher_traffic=meter.traffic(),
         data=None if real is None else real.source,
+        ended_by=ended_by,
     )
     _write_outputs(out, state, space, result, train_config.generator.latent_dim)
     return result
+
+
+def _why_stopped(
+    stopped_early: bool, stop_event: threading.Event | None, max_seconds: float | None
+) -> dict[str, Any]:
+    """``ended_by`` of a run that no budget ended."""
+    if not stopped_early:
+        return {"reason": "completed"}
+    if stop_event is not None and stop_event.is_set():
+        return {"reason": "interrupted"}
+    return {"reason": "max_seconds", "max_seconds": max_seconds}
 
 
 def _teacher_parameters(config: RunConfig, index: int) -> int | None:

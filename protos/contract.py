@@ -9,3 +9,8 @@ RETRY_AFTER_KEY = "cdfkd-retry-after-ms"
 #: Invocation metadata key of a request id: the client sends a fresh one per request and the same
 #: one on every retry of it, so the node answers a retry from its stored reply and charges once.
 REQUEST_ID_KEY = "cdfkd-request-id"
+
+#: Trailing metadata key of a RESOURCE_EXHAUSTED refusal because a budget is used up: JSON
+#: ``{"budget": "budget_images" | "budget_images_per_day", "limit": n, "used": n,
+#: "requested": n}``, so that the student can say which budget ended its run (and never retry).
+BUDGET_EXHAUSTED_KEY = "cdfkd-budget-exhausted"

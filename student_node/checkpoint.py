@@ -1,7 +1,8 @@
 """TrainState checkpoints: atomic writes, ``weights_only`` loads, config fingerprints.
 
 A checkpoint holds the student, the generator, both optimizers and schedulers, the iteration,
-the RNG state, the config fingerprint and the code version. Never a teacher's parameters.
+the RNG state, the replay memory (when the run keeps one: generated images and the teachers'
+answers to them), the config fingerprint and the code version. Never a teacher's parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _NON_MATH_FIELDS = {"epochs", "attention"}
 
 
 #: Fields added later: left out while unset, so earlier checkpoints keep their fingerprint.
-_LATER_FIELDS = ("image_shape", "normalization")
+_LATER_FIELDS = ("image_shape", "normalization", "replay")
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -101,6 +102,8 @@ def state_payload(state: TrainState, fingerprint: str) -> dict[str, Any]:
             "student_scheduler": state.student_scheduler.state_dict(),
             "generator_scheduler": state.generator_scheduler.state_dict(),
             "rng": state.rng.get_state(),
+            # The replay memory with its cached answers: what later iterations draw from.
+            **({} if state.replay is None else {"replay": state.replay.state_dict()}),
         }
     )
 
@@ -126,8 +129,11 @@ def save_checkpoint(directory: Path, state: TrainState, fingerprint: str, keep: 
     return write_checkpoint(directory, state_payload(state, fingerprint), keep)
 
 
-def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
-    """Restore ``state`` in place from ``path``.
+def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> dict[str, Any]:
+    """Restore ``state`` in place from ``path``; return the whole payload.
+
+    The payload may hold entries beyond the state, written by the run that owns the
+    checkpoint (``coordinator/training_run.py`` keeps its teacher accounting there).
 
     Raises:
         CheckpointError: unreadable file, other format, or a config whose math differs.
@@ -143,6 +149,18 @@ def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
             f"{path} was written by a run whose configuration changes the math differently "
             "(fingerprint mismatch): resume with the same config, or start a new output folder"
         )
+    restore_payload(state, payload)
+    logger.info("resumed from %s at iteration %d", path, state.iteration)
+    return payload
+
+
+def restore_payload(state: TrainState, payload: dict[str, Any]) -> None:
+    """Put ``state`` back to a :func:`state_payload` snapshot (e.g. after a failed iteration).
+
+    The snapshot is copied first: optimizers keep the tensors they load, and later steps must
+    not change a snapshot that may still be written as a checkpoint.
+    """
+    payload = _cloned(payload)
     state.student.load_state_dict(payload["student"])
     state.generator.load_state_dict(payload["generator"])
     state.student_optimizer.load_state_dict(payload["student_optimizer"])
@@ -151,4 +169,9 @@ def load_checkpoint(path: Path, state: TrainState, fingerprint: str) -> None:
     state.generator_scheduler.load_state_dict(payload["generator_scheduler"])
     state.rng.set_state(payload["rng"])
     state.iteration = int(payload["iteration"])
-    logger.info("resumed from %s at iteration %d", path, state.iteration)
+    if state.replay is not None:
+        if "replay" not in payload:
+            raise CheckpointError("this run keeps a replay memory but the checkpoint holds none")
+        device = next(state.student.parameters()).device
+        state.replay.load_state_dict(payload["replay"])
+        state.replay.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -110,6 +111,26 @@ class OptimizerConfig(BaseModel):
         return self
 
 
+class ReplayConfig(BaseModel):
+    """A replay memory of generated images with the teachers' answers cached beside them.
+
+    Each iteration generates ``new_batches`` fresh batches, asks every teacher about each once
+    and adds them (with the answers) to a memory of ``size`` samples (oldest overwritten
+    first); the iteration's K student steps then draw their batches from the memory and cost
+    no teacher query. ``sampling`` ``uniform`` draws each batch uniformly (with replacement)
+    from the whole memory; ``newest`` takes the fresh batches in order, step k the k-th
+    (``new_batches`` must then equal K; with ``size`` = K x batch it is the paper's loop, with
+    the answers asked in the same order). The generator step is unchanged (it needs the
+    teachers' input gradients on its own fresh batch).
+    """
+
+    model_config = _FROZEN
+
+    size: int = Field(default=4096, ge=2, le=10_000_000, description="samples kept")
+    new_batches: int = Field(default=1, ge=1, le=100, description="fresh batches per iteration")
+    sampling: Literal["uniform", "newest"] = "uniform"
+
+
 class TrainConfig(BaseModel):
     """The distillation loop: one iteration = K student steps then one generator step."""
 
@@ -135,6 +156,11 @@ class TrainConfig(BaseModel):
         description="mean and std that map the generator's standardized images to [0, 1] "
         "pixels; None: the teachers' own when they agree, else their per-channel average",
     )
+    replay: ReplayConfig | None = Field(
+        default=None,
+        description="a replay memory with cached teacher answers; None: the paper's loop "
+        "(every student step on a fresh batch, asked of every teacher)",
+    )
 
     @model_validator(mode="after")
     def _check_image_space(self) -> TrainConfig:
@@ -150,6 +176,23 @@ class TrainConfig(BaseModel):
                 raise ValueError(
                     f"normalization has {len(mean)} channels, image_shape {self.image_shape[0]}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_replay(self) -> TrainConfig:
+        replay = self.replay
+        if replay is None:
+            return self
+        if self.method is Method.KD_REAL:
+            raise ValueError("replay needs generated images: kd_real learns from real ones")
+        if replay.size < replay.new_batches * self.batch_size:
+            raise ValueError(
+                f"replay.size {replay.size} is smaller than one iteration's fresh samples "
+                f"({replay.new_batches} x batch_size {self.batch_size})"
+            )
+        steps = self.student_steps_per_generator_step
+        if replay.sampling == "newest" and replay.new_batches != steps:
+            raise ValueError("replay.sampling 'newest' needs new_batches = K, one per student step")
         return self
 
     @property

@@ -62,6 +62,51 @@ class TeacherRefused(RemoteTeacherError):
     """The node refused the caller: unauthenticated, not permitted, or out of budget."""
 
 
+class TeacherBudgetExhausted(TeacherRefused):
+    """The node refused because this caller's image budget is used up (never retried).
+
+    A run that meets it ends cleanly after its last completed iteration
+    (``coordinator/training_run.py``).
+
+    Attributes:
+        budget: ``"budget_images"`` (lifetime) or ``"budget_images_per_day"``; "" if the node
+            did not say.
+        limit: That budget in images (0 if not said).
+        used: Images of it used before the refused request.
+        requested: Images the refused request needed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        address: str = "",
+        code: str = "",
+        budget: str = "",
+        limit: int = 0,
+        used: int = 0,
+        requested: int = 0,
+    ) -> None:
+        super().__init__(message, address, code)
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str, int, int, int]]:  # type: ignore[override]
+        return (
+            type(self),
+            (
+                str(self),
+                self.address,
+                self.code,
+                self.budget,
+                self.limit,
+                self.used,
+                self.requested,
+            ),
+        )
+
+
 class TeacherRejectedRequest(RemoteTeacherError):
     """The node judged the request malformed (a bug on the student side, or a version skew)."""
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from cdfkd.student_node.errors import TeacherBudgetExhausted
 from cdfkd.student_node.models.aggregator import AttentionAggregator
 from cdfkd.student_node.teachers.protocol import Teacher
 from cdfkd.teacher_node.metrics import accuracy, batched
+
+logger = logging.getLogger(__name__)
 
 #: Below a teacher node's default max_batch (512), so remote teachers answer evaluation batches.
 EVAL_BATCH_SIZE = 500
@@ -27,10 +31,14 @@ class StudentEvaluation:
 
 @dataclass(frozen=True)
 class TeacherEvaluation:
-    """Each teacher's accuracy and that of the mean of their logits."""
+    """Each teacher's accuracy and that of the mean of their logits.
 
-    teachers: list[float]
-    ensemble: float
+    A teacher whose owner's budget could not pay for the evaluation has accuracy None, and
+    then so has the ensemble (an ensemble of the others would be another model).
+    """
+
+    teachers: list[float | None]
+    ensemble: float | None
 
 
 def header_logits(student: nn.Module, images: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
@@ -68,14 +76,45 @@ def evaluate_student(
 
 
 def evaluate_teachers(
-    teachers: Sequence[Teacher], images: Tensor, labels: Tensor, batch_size: int = EVAL_BATCH_SIZE
+    teachers: Sequence[Teacher],
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+    *,
+    skip_exhausted: bool = False,
 ) -> TeacherEvaluation:
-    """Accuracy of each teacher and of their mean logits on normalized ``images``."""
-    logits = [
-        batched(lambda x, t=t: t.query(x, features=False, bn_loss=False).logits, images, batch_size)
-        for t in teachers
-    ]
+    """Accuracy of each teacher and of their mean logits on normalized ``images``.
+
+    Args:
+        teachers: The teachers, in header order.
+        images: Normalized test images.
+        labels: Their labels.
+        batch_size: Images per query.
+        skip_exhausted: A teacher whose budget runs out gets accuracy None (logged) instead
+            of failing the evaluation.
+
+    Raises:
+        TeacherBudgetExhausted: a budget ran out and ``skip_exhausted`` is False.
+    """
+    logits: list[Tensor | None] = []
+    for teacher in teachers:
+        try:
+            logits.append(
+                batched(
+                    lambda x, t=teacher: t.query(x, features=False, bn_loss=False).logits,
+                    images,
+                    batch_size,
+                )
+            )
+        except TeacherBudgetExhausted as error:
+            if not skip_exhausted:
+                raise
+            logger.warning("teacher %s not evaluated: %s", teacher.info().name, error)
+            logits.append(None)
+    answered = [t for t in logits if t is not None]
     return TeacherEvaluation(
-        teachers=[accuracy(t, labels) for t in logits],
-        ensemble=accuracy(torch.stack(logits).mean(dim=0), labels),
+        teachers=[None if t is None else accuracy(t, labels) for t in logits],
+        ensemble=accuracy(torch.stack(answered).mean(dim=0), labels)
+        if len(answered) == len(logits)
+        else None,
     )

@@ -31,6 +31,7 @@ from cdfkd.student_node.objectives import (
     student_loss,
     uses_teacher_features,
 )
+from cdfkd.student_node.replay import ReplayMemory
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
 from cdfkd.student_node.teachers.run_space import check_channels
 
@@ -49,6 +50,8 @@ class TrainState:
     generator_scheduler: torch.optim.lr_scheduler.LRScheduler
     rng: torch.Generator
     iteration: int = 0
+    #: The replay memory with cached teacher answers (``config.replay``); None: paper's loop.
+    replay: ReplayMemory | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ def init_state(
             generator_optimizer, milestones, optimizer.gamma
         ),
         rng=torch.Generator(device=device).manual_seed(config.seed + 1),
+        replay=None if config.replay is None else ReplayMemory(config.replay.size),
     )
 
 
@@ -220,6 +224,18 @@ def student_step(
     Returns:
         The weighted (total, header, feature, ensemble) terms of L_S.
     """
+    logits, features = _student_answers(teachers, images, config, weights, executor)
+    return _student_update(state, images, logits, features, config, weights)
+
+
+def _student_answers(
+    teachers: Sequence[Teacher],
+    images: Tensor,
+    config: TrainConfig,
+    weights: LossWeights,
+    executor: Executor | None,
+) -> tuple[list[Tensor], list[Tensor | None] | None]:
+    """What a student step needs of every teacher: logits, and features where L_S uses them."""
     features = uses_teacher_features(config.method, weights)
     answers: list[TeacherOutputs] = _fan_out(
         executor,
@@ -228,14 +244,20 @@ def student_step(
         ),
         teachers,
     )
+    return [a.logits for a in answers], [a.features for a in answers] if features else None
+
+
+def _student_update(
+    state: TrainState,
+    images: Tensor,
+    teacher_logits: list[Tensor],
+    teacher_features: list[Tensor | None] | None,
+    config: TrainConfig,
+    weights: LossWeights,
+) -> tuple[float, float, float, float]:
+    """The student update of :func:`student_step` on given answers."""
     outputs = state.student(images)
-    loss = student_loss(
-        config.method,
-        weights,
-        outputs,
-        [a.logits for a in answers],
-        [a.features for a in answers] if features else None,
-    )
+    loss = student_loss(config.method, weights, outputs, teacher_logits, teacher_features)
     _require_finite(loss.total, "student loss", state.iteration)
     state.student_optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
@@ -297,6 +319,39 @@ def generator_step(
     return ((adversarial + bn).item(), adversarial.item(), bn.item())
 
 
+def _replay_steps(
+    state: TrainState,
+    memory: ReplayMemory,
+    teachers: Sequence[Teacher],
+    config: TrainConfig,
+    weights: LossWeights,
+    executor: Executor | None,
+) -> list[tuple[float, float, float, float]]:
+    """The K student steps with a replay memory: fresh batches asked once, steps from memory."""
+    replay = config.replay
+    assert replay is not None
+    for _ in range(replay.new_batches):
+        with torch.no_grad():
+            images = state.generator(_sample_latent(state, config))
+        _require_finite(images, "generator images", state.iteration)
+        logits, features = _student_answers(teachers, images, config, weights, executor)
+        memory.add(images, logits, features or [None] * len(teachers))
+    uses_features = uses_teacher_features(config.method, weights)
+    steps = config.student_steps_per_generator_step
+    if replay.sampling == "newest":
+        fresh = memory.newest(steps * config.batch_size)
+        batches = [
+            memory.part(fresh, start, config.batch_size)
+            for start in range(0, steps * config.batch_size, config.batch_size)
+        ]
+    else:
+        batches = [memory.sample(config.batch_size, state.rng) for _ in range(steps)]
+    return [
+        _student_update(state, images, logits, features if uses_features else None, config, weights)
+        for images, logits, features in batches
+    ]
+
+
 def run_iteration(
     state: TrainState,
     teachers: Sequence[Teacher],
@@ -311,7 +366,10 @@ def run_iteration(
     state.generator.train()
     sums = [0.0, 0.0, 0.0, 0.0]
     steps = config.student_steps_per_generator_step
-    for _ in range(steps):
+    if state.replay is not None:
+        for terms in _replay_steps(state, state.replay, teachers, config, weights, executor):
+            sums = [a + b for a, b in zip(sums, terms, strict=True)]
+    for _ in range(steps if state.replay is None else 0):
         if config.method is Method.KD_REAL:
             if real_images is None:
                 raise ValueError("kd_real needs real_images")

@@ -51,7 +51,26 @@ MODE_OUTPUTS: dict[Mode, frozenset[str]] = {
 
 
 class BudgetExhausted(LimitExceeded):
-    """The caller's image budget is used up (RESOURCE_EXHAUSTED, not worth retrying)."""
+    """The caller's image budget is used up (RESOURCE_EXHAUSTED, not worth retrying).
+
+    Attributes:
+        budget: Which budget: ``"budget_images"`` (lifetime) or ``"budget_images_per_day"``.
+        limit: That budget, in images.
+        used: Images of it already answered.
+        requested: Images the refused request needed.
+    """
+
+    def __init__(
+        self, message: str, budget: str = "", limit: int = 0, used: int = 0, requested: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, int, int]]:
+        return (type(self), (str(self), self.budget, self.limit, self.used, self.requested))
 
 
 class RateLimited(LimitExceeded):
@@ -286,13 +305,21 @@ class BudgetLedger:
         if rule.budget_images is not None and total + images > rule.budget_images:
             raise BudgetExhausted(
                 f"budget exhausted: {total} of {rule.budget_images} images used, this request "
-                f"needs {images}; ask the node's owner for more"
+                f"needs {images}; ask the node's owner for more",
+                "budget_images",
+                rule.budget_images,
+                total,
+                images,
             )
         daily = rule.budget_images_per_day
         if daily is not None and today + images > daily:
             raise BudgetExhausted(
                 f"daily budget exhausted: {today} of {daily} images used today (UTC), this "
-                f"request needs {images}"
+                f"request needs {images}",
+                "budget_images_per_day",
+                daily,
+                today,
+                images,
             )
 
     def charge(self, caller: str, images: int, rule: CallerRule) -> None:

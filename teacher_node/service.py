@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -31,7 +32,7 @@ import torch
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
-from cdfkd.protos.contract import REQUEST_ID_KEY, RETRY_AFTER_KEY
+from cdfkd.protos.contract import BUDGET_EXHAUSTED_KEY, REQUEST_ID_KEY, RETRY_AFTER_KEY
 from cdfkd.teacher_node.admission import Admission, CallDropped, Clock, FairQueue, Ticket
 from cdfkd.teacher_node.answers import (
     KeyedNoise,
@@ -51,7 +52,7 @@ from cdfkd.teacher_node.errors import (
 )
 from cdfkd.teacher_node.identity import CallerIdentities
 from cdfkd.teacher_node.package import TeacherMetadata
-from cdfkd.teacher_node.policy import MODE_OUTPUTS, CallerRule, Policy
+from cdfkd.teacher_node.policy import MODE_OUTPUTS, BudgetExhausted, CallerRule, Policy
 from cdfkd.teacher_node.privacy import PrivacyGuarantee
 from cdfkd.teacher_node.request_ids import (
     MAX_REQUEST_ID_LENGTH,
@@ -90,6 +91,17 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
         if isinstance(error, kind):
             return code
     return None
+
+
+def _budget_json(error: BudgetExhausted) -> str:
+    """The trailing metadata value of a budget refusal (``contract.BUDGET_EXHAUSTED_KEY``)."""
+    fields = {
+        "budget": error.budget,
+        "limit": error.limit,
+        "used": error.used,
+        "requested": error.requested,
+    }
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _claimed_images(request: Any) -> int:
@@ -360,6 +372,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             if retry_after_s is not None and math.isfinite(retry_after_s):
                 milliseconds = str(max(1, math.ceil(retry_after_s * 1000)))
                 context.set_trailing_metadata(((RETRY_AFTER_KEY, milliseconds),))
+            if isinstance(error, BudgetExhausted):
+                context.set_trailing_metadata(((BUDGET_EXHAUSTED_KEY, _budget_json(error)),))
             context.abort(code, str(error))
         incident = uuid.uuid4().hex[:12]
         logger.error("%s failed (incident %s)", call.rpc, incident, exc_info=error)

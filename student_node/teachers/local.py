@@ -38,6 +38,8 @@ class InProcessTeacher:
         privacy: PrivacyInfo | None = None,
     ) -> None:
         self._engine = engine
+        #: Images answered (queries and input gradients); nothing crosses a wire here.
+        self.images_answered = 0
         info = engine.info
         self._info = TeacherInfo(
             name=name,
@@ -83,8 +85,11 @@ class InProcessTeacher:
     ) -> TeacherOutputs:
         """Logits (and features, R(x) when asked) for ``images``; no gradient."""
         out = self._engine.query(images, with_bn_loss=bn_loss)
+        self.images_answered += images.shape[0]
         return TeacherOutputs(out.logits, out.features if features else None, out.bn_loss)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
         """The input VJP of the engine."""
-        return self._engine.input_grad(images, grad_logits, bn_weight)
+        gradient = self._engine.input_grad(images, grad_logits, bn_weight)
+        self.images_answered += images.shape[0]
+        return gradient

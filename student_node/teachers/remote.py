@@ -8,6 +8,7 @@ error whose message says what to do. gRPC channels do not pickle: pass a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -22,9 +23,10 @@ from torch import Tensor
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import WIRE_DTYPES, InvalidTensor, TensorLimits, decode, encode
-from cdfkd.protos.contract import REQUEST_ID_KEY, RETRY_AFTER_KEY
+from cdfkd.protos.contract import BUDGET_EXHAUSTED_KEY, REQUEST_ID_KEY, RETRY_AFTER_KEY
 from cdfkd.student_node.errors import (
     RemoteTeacherError,
+    TeacherBudgetExhausted,
     TeacherFailed,
     TeacherRefused,
     TeacherRejectedRequest,
@@ -128,6 +130,17 @@ def _error_for(error: grpc.RpcError, address: str, method: str) -> RemoteTeacher
             address,
             code.name,
         )
+    budget = _budget_refusal(error) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if budget is not None:
+        return TeacherBudgetExhausted(
+            f"{where} refused the request: {details}",
+            address,
+            code.name,
+            str(budget.get("budget", "")),
+            int(budget.get("limit", 0)),
+            int(budget.get("used", 0)),
+            int(budget.get("requested", 0)),
+        )
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return TeacherRefused(
             f"{where} refused the request as too large or over budget: {details}",
@@ -186,6 +199,9 @@ class RemoteTeacher:
         #: (HTTP/2 framing and TLS records come on top; bench/remote.py measures them).
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Images in the answers received (Query and InputGrad; a zeroth-order estimate's
+        #: probes are queries): what the node charged this caller for them.
+        self.images_answered = 0
         metadata = self._call(
             "GetMetadata", self._stub.GetMetadata, teacher_pb2.GetMetadataRequest()
         )
@@ -237,6 +253,7 @@ class RemoteTeacher:
         )
         reply = self._call("Query", self._stub.Query, request)
         batch = images.shape[0]
+        self.images_answered += batch
         device = images.device
         logits = self._decode(reply.logits, "logits", (batch, self._info.num_classes))
         returned = None
@@ -270,6 +287,7 @@ class RemoteTeacher:
             response_dtype=self.config.wire_dtype,
         )
         reply = self._call("InputGrad", self._stub.InputGrad, request)
+        self.images_answered += images.shape[0]
         gradient = self._decode(reply.grad_images, "grad_images", tuple(images.shape))
         return gradient.to(images.device)
 
@@ -334,6 +352,29 @@ class RemoteTeacher:
                 )
             self.bytes_received += reply.ByteSize() + _GRPC_PREFIX  # type: ignore[attr-defined]
             return reply
+
+
+def _budget_refusal(error: grpc.RpcError) -> dict[str, int | str] | None:
+    """The node's account of a budget refusal (``contract.BUDGET_EXHAUSTED_KEY``), if any.
+
+    Only plain JSON of known keys with int or str values is read; anything else is ignored.
+    """
+    for key, value in error.trailing_metadata() or ():
+        if key != BUDGET_EXHAUSTED_KEY:
+            continue
+        try:
+            loaded = json.loads(value)
+        except (TypeError, ValueError):
+            return {}
+        if not isinstance(loaded, dict):
+            return {}
+        found: dict[str, int | str] = {}
+        for name, kind in (("budget", str), ("limit", int), ("used", int), ("requested", int)):
+            item = loaded.get(name)
+            if isinstance(item, kind) and not isinstance(item, bool):
+                found[name] = item
+        return found
+    return None
 
 
 def _retry_hint(error: grpc.RpcError) -> float | None:

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.netns import NamespaceError, VirtualHost, VirtualHosts, unavailable_reason
+from bench.tcp_proxy import Link, RecordingProxy
 from cdfkd.coordinator.cli import main
 from cdfkd.coordinator.config import parse_run_config
 from cdfkd.coordinator.errors import ExitCode
@@ -330,3 +332,33 @@ def test_a_link_cut_past_the_timeout_checkpoints_names_the_node_and_resumes(
     assert result["iterations"] == ITERATIONS
     assert same(student_weights(out), reference["weights"])
     assert torch.isfinite(torch.tensor(result["student_accuracy_mean"]))
+
+
+def test_an_emulated_wan_link_in_front_of_a_host(federation: Federation) -> None:
+    """bench/tcp_proxy.py's WAN link in the multi-host setup: the proxy on this machine forwards
+    to a node's namespace address; TLS still checks that address (``server_name``)."""
+    host, node, pki = federation.hosts[0], federation.nodes[0], federation.pki[0]
+    link = Link.wan(round_trip_ms=50, mbit_per_s=100)
+    upstream = (host.address, int(node.address.rpartition(":")[2]))
+    files = {"ca": pki.ca.cert, "cert": pki.client.cert, "key": pki.client.key}
+    images = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with (
+        RecordingProxy(upstream, keep=False, link=link) as proxy,
+        RemoteTeacher(RemoteTeacherConfig(address=node.address, **files)) as direct,
+        RemoteTeacher(
+            RemoteTeacherConfig(address=proxy.address, server_name=host.address, **files)
+        ) as far,
+    ):
+        expected = direct.query(images, bn_loss=False)
+        seconds = []
+        for _ in range(4):
+            sent = far.bytes_sent
+            started = time.monotonic()
+            answer = far.query(images, bn_loss=False)
+            seconds.append(time.monotonic() - started)
+            request = far.bytes_sent - sent
+        assert torch.equal(answer.logits, expected.logits)
+        assert torch.equal(answer.features, expected.features)
+        assert proxy.to_server > 4 * request  # it all went through the link
+    # A query cannot be faster than the round trip plus its request at the link's rate.
+    assert min(seconds) >= 2 * link.delay_s + request / link.rate_bytes_per_s  # type: ignore[operator]

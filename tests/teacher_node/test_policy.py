@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,12 @@ def test_daily_budget_resets_at_utc_midnight(tmp_path: Path) -> None:
     rule = CallerRule(budget_images_per_day=50, budget_images=120)
     ledger = BudgetLedger(tmp_path / "budget.json", clock)
     ledger.charge("a", 50, rule)
-    with pytest.raises(BudgetExhausted, match="daily budget exhausted: 50 of 50"):
+    with pytest.raises(BudgetExhausted, match="daily budget exhausted: 50 of 50") as refused:
         ledger.charge("a", 1, rule)
+    fields = ("budget", "limit", "used", "requested")
+    assert [getattr(refused.value, f) for f in fields] == ["budget_images_per_day", 50, 50, 1]
+    copy = pickle.loads(pickle.dumps(refused.value))  # crosses process boundaries (Ray)
+    assert [getattr(copy, f) for f in fields] == ["budget_images_per_day", 50, 50, 1]
     clock.now += DAY
     ledger.charge("a", 50, rule)
     clock.now += DAY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,7 @@ import torch
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import encode
 from cdfkd.protos.contract import RETRY_AFTER_KEY
-from cdfkd.student_node.errors import TeacherRefused
+from cdfkd.student_node.errors import TeacherBudgetExhausted, TeacherRefused
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.remote import RemoteTeacher, open_channel
 from tests.conftest import client_config
@@ -92,8 +93,23 @@ def test_budget_is_exact_and_says_what_was_used(inprocess_node, dev_pki, tmp_pat
         assert remote.metadata.remaining_budget == 100
         for _ in range(3):
             remote.query(torch.randn(32, *SHAPE), bn_loss=False)
-        with pytest.raises(TeacherRefused, match="96 of 100 images used, this request needs 32"):
+        with pytest.raises(
+            TeacherBudgetExhausted, match="96 of 100 images used, this request needs 32"
+        ) as refused:
             remote.query(torch.randn(32, *SHAPE))
+        # The node says which budget, as data: the student names it when a run ends by it.
+        assert (refused.value.budget, refused.value.limit) == ("budget_images", 100)
+        assert (refused.value.used, refused.value.requested) == (96, 32)
+        assert isinstance(refused.value, TeacherRefused)  # exit code 4 where nothing was kept
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        copy = pickle.loads(pickle.dumps(refused.value))  # a Ray worker's error crosses over
+        assert (copy.budget, copy.limit, copy.used, copy.requested) == (
+            "budget_images",
+            100,
+            96,
+            32,
+        )
+        assert (copy.address, str(copy)) == (address, str(refused.value))
         remote.query(torch.randn(4, *SHAPE))
     assert json.loads(budget.read_text())["caller-2"]["total"] == 100
     with RemoteTeacher(client_config(address, dev_pki, name="caller-2")) as again:
