@@ -154,13 +154,15 @@ def test_a_caller_off_the_allow_list_exits_4_naming_the_node(
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_spent_budget_exits_4_with_the_last_good_checkpoint(
+def test_a_spent_budget_ends_the_run_cleanly_and_a_resume_exits_4(
     digits_teachers, dev_pki, tmp_path: Path
 ) -> None:
     """``cdfkd train`` as a user runs it (a process, on Ray) against a node process whose owner
     gives this caller 300 images: 128 an iteration (2 student batches, 1 generator batch and its
-    VJP, of 32), so iteration 3 is refused. Exit 4, a message naming the node and the budget,
-    the checkpoint of iteration 2 on disk, and the node still serving."""
+    VJP, of 32), so iteration 3 is refused. The run ends cleanly on iteration 2 (exit 0, the
+    student of iteration 2 evaluated, ``ended_by`` naming the node and its budget); resuming
+    while the budget is still spent trains nothing and exits 4 with a message naming the node,
+    the checkpoint untouched and the node still serving."""
     pki = dev_pki["trusted"]
     budget = tmp_path / "budget.json"
     policy = (
@@ -183,22 +185,46 @@ def test_a_spent_budget_exits_4_with_the_last_good_checkpoint(
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         command = [sys.executable, "-m", "cdfkd.coordinator.cli", "train"]
         command += ["--config", str(config), "--out", str(out)]
-        with owned_process(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**env, "CI": "true"},
-        ) as process:
-            stdout, stderr = process.communicate(timeout=540)
-        assert process.returncode == ExitCode.REFUSED == 4, stderr[-3000:]
+
+        def train(*extra: str) -> tuple[int, str, str]:
+            with owned_process(
+                [*command, *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**env, "CI": "true"},
+            ) as process:
+                stdout, stderr = process.communicate(timeout=540)
+            return process.returncode, stdout, stderr
+
+        code, stdout, stderr = train()
+        assert code == 0, stderr[-3000:]
+        assert "budget exhausted: 288 of 300 images used, this request needs 32" in stderr
+        assert "Traceback" not in stderr  # the message, not the Ray worker's stack
+        result = json.loads((out / "result.json").read_text())
+        assert result["iterations"] == 2
+        assert result["stopped_early"] is True
+        ended_by = result["ended_by"]
+        assert ended_by["reason"] == "teacher_budget"
+        assert (ended_by["address"], ended_by["limit"], ended_by["used"]) == (
+            node.address,
+            300,
+            288,
+        )
+        assert result["student_accuracy_mean"] is not None  # the kept student was evaluated
+        assert list_checkpoints(out / "checkpoints")[-1].name == "checkpoint-00000002.pt"
+        assert json.loads(budget.read_text())["student"]["total"] == 288
+
+        last = list_checkpoints(out / "checkpoints")[-1]
+        before = last.read_bytes()
+        code, stdout, stderr = train("--resume")
+        assert code == ExitCode.REFUSED == 4, stderr[-3000:]
         assert f"teacher node {node.address}" in stderr
         assert "budget exhausted: 288 of 300 images used, this request needs 32" in stderr
-        assert "checkpoint-00000002.pt" in stderr  # where --resume continues
-        assert "Traceback" not in stderr  # the message, not the Ray worker's stack
-        assert stdout == ""  # no summary: the run did not finish
-        assert list_checkpoints(out / "checkpoints")[-1].name == "checkpoint-00000002.pt"
-        assert not (out / "result.json").exists()
+        assert "Traceback" not in stderr
+        assert stdout == ""
+        assert list_checkpoints(out / "checkpoints")[-1] == last
+        assert last.read_bytes() == before
         assert json.loads(budget.read_text())["student"]["total"] == 288
         # The node refused the request and kept serving.
         assert node.process is not None
