@@ -23,6 +23,14 @@ torch.set_num_threads(2)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
+@pytest.fixture(autouse=True)
+def _two_torch_threads() -> None:
+    """Every test starts with 2 intra-op threads: an in-process run (``run.threads``) sets the
+    process-wide count and would otherwise leave it to the next test, whose in-process answers
+    then differ in the last bits from a node's that runs with 2 (a GroupNorm backward, say)."""
+    torch.set_num_threads(2)
+
+
 #: Programs whose start makes a test slow (a node, a training run, Ray, Flower).
 _HEAVY_PROGRAMS = ("cdfkd", "ray", "flwr", "flower-superlink", "flower-supernode")
 
