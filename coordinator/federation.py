@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdfkd.coordinator.config import PackageTeacher, RunConfig
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
+from cdfkd.student_node.teachers.local import privacy_info
 from cdfkd.student_node.teachers.protocol import PrivacyInfo, describe_privacy
 from cdfkd.student_node.teachers.remote import RemoteTeacherConfig, open_channel, privacy_of
 from cdfkd.teacher_node.errors import PackageError
@@ -122,17 +123,7 @@ def _check_package(entry: PackageTeacher) -> NodeReport:
     report.feature_dim = metadata.feature_dim
     report.has_bn_prior = metadata.has_statistics_prior
     report.allowed_outputs = ("logits", "features", "bn_loss", "input_grad")
-    guarantee = metadata.privacy
-    if guarantee is not None:
-        report.privacy = PrivacyInfo(
-            mechanism=guarantee.mechanism,
-            epsilon=guarantee.epsilon,
-            delta=guarantee.delta,
-            accountant=guarantee.accountant,
-            max_grad_norm=guarantee.max_grad_norm,
-            noise_multiplier=guarantee.noise_multiplier,
-            statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
-        )
+    report.privacy = privacy_info(metadata.privacy)
     report.health = "LOCAL"
     report.mode = "full"
     return report

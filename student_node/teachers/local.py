@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from cdfkd.student_node.teachers.protocol import (
 from cdfkd.teacher_node.datasets import Normalization
 from cdfkd.teacher_node.engine import TeacherEngine
 from cdfkd.teacher_node.package import load_package
+
+if TYPE_CHECKING:
+    from cdfkd.teacher_node.privacy import PrivacyGuarantee
 
 
 class InProcessTeacher:
@@ -62,18 +66,7 @@ class InProcessTeacher:
             metadata.normalization,
             statistics=metadata.released_statistics,
         )
-        guarantee = metadata.privacy
-        privacy = None
-        if guarantee is not None:
-            privacy = PrivacyInfo(
-                mechanism=guarantee.mechanism,
-                epsilon=guarantee.epsilon,
-                delta=guarantee.delta,
-                accountant=guarantee.accountant,
-                max_grad_norm=guarantee.max_grad_norm,
-                noise_multiplier=guarantee.noise_multiplier,
-                statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
-            )
+        privacy = privacy_info(metadata.privacy)
         return cls(engine, metadata.name, metadata.normalization, privacy)
 
     def info(self) -> TeacherInfo:
@@ -93,3 +86,18 @@ class InProcessTeacher:
         gradient = self._engine.input_grad(images, grad_logits, bn_weight)
         self.images_answered += images.shape[0]
         return gradient
+
+
+def privacy_info(guarantee: PrivacyGuarantee | None) -> PrivacyInfo | None:
+    """What a package's DP guarantee tells a student (the ``GetMetadata.privacy`` fields)."""
+    if guarantee is None:
+        return None
+    return PrivacyInfo(
+        mechanism=guarantee.mechanism,
+        epsilon=guarantee.epsilon,
+        delta=guarantee.delta,
+        accountant=guarantee.accountant,
+        max_grad_norm=guarantee.max_grad_norm,
+        noise_multiplier=guarantee.noise_multiplier,
+        statistics_noise_multiplier=guarantee.statistics_noise_multiplier,
+    )
