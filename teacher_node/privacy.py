@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from opacus.accountants import PRVAccountant
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import brentq
-from scipy.stats import norm
 from torch import Tensor, nn
 
 from cdfkd.teacher_node.errors import TeacherConfigError
@@ -147,6 +144,10 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
     delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), solved for eps.
     """
+    # SciPy and Opacus are imported where calibration needs them: a node serving a DP package
+    # reads the guarantee's model only (the deploy image installs neither).
+    from scipy.optimize import brentq
+    from scipy.stats import norm
 
     def excess(eps: float) -> float:
         # e^eps Phi(.) in log space: e^eps alone overflows for large mu.
@@ -160,6 +161,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
 def gdp_mu(epsilon: float, delta: float) -> float:
     """The mu whose mu-GDP holds at exactly (epsilon, delta)."""
+    from scipy.optimize import brentq
+
     return float(brentq(lambda mu: gdp_epsilon(mu, delta) - epsilon, 1e-6, 50.0))
 
 
@@ -171,6 +174,8 @@ def composed_epsilon(
     delta: float,
 ) -> float:
     """The PRV accountant's epsilon for DP-SGD followed by one statistics release."""
+    from opacus.accountants import PRVAccountant
+
     accountant = PRVAccountant()
     accountant.history = [
         (noise_multiplier, sample_rate, steps),
