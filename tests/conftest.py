@@ -284,12 +284,12 @@ def node_processes(digits_teachers, dev_pki, tmp_path: Path):
 
     started: list[TeacherNodeProcess] = []
 
-    def start(index: int = 0, insecure: bool = False) -> TeacherNodeProcess:
+    def start(index: int = 0, insecure: bool = False, threads: int = 2) -> TeacherNodeProcess:
         node = TeacherNodeProcess(
             digits_teachers.packages[index],
             tmp_path / f"node-{len(started)}",
             None if insecure else dev_pki["trusted"],
-            threads=2,
+            threads=threads,
         )
         started.append(node)
         node.start()
