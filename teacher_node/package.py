@@ -161,9 +161,9 @@ def save_package(
     train_samples: int | None,
 ) -> TeacherMetadata:
     """Write a built-in ``model`` as a teacher package into ``directory`` (atomic per file)."""
-    directory = Path(directory)
-    weights = write_weights(directory, model)
-    metadata = TeacherMetadata(
+    return _write_package(
+        directory,
+        model,
         format_version=BUILTIN_FORMAT_VERSION,
         name=name,
         spec=spec,
@@ -171,13 +171,9 @@ def save_package(
         num_classes=spec.num_classes,
         normalization=normalization,
         feature_dim=feature_dim,
-        num_parameters=sum(p.numel() for p in model.parameters()),
         test_accuracy=test_accuracy,
         train_samples=train_samples,
-        weights_sha256=_sha256(weights),
     )
-    write_metadata(directory, metadata)
-    return metadata
 
 
 def save_private_package(
@@ -202,9 +198,9 @@ def save_private_package(
     """
     if has_batchnorm(model):
         raise PackageError("a DP package must not hold BatchNorm running statistics")
-    directory = Path(directory)
-    weights = write_weights(directory, model)
-    metadata = TeacherMetadata(
+    return _write_package(
+        directory,
+        model,
         name=name,
         spec=spec,
         input_shape=spec.input_shape,
@@ -212,13 +208,22 @@ def save_private_package(
         normalization=normalization,
         has_batchnorm=False,
         feature_dim=feature_dim,
-        num_parameters=sum(p.numel() for p in model.parameters()),
         test_accuracy=test_accuracy,
         eval_data=eval_data,
         train_samples=train_samples,
-        weights_sha256=_sha256(weights),
         privacy=privacy,
         released_statistics=tuple(statistics),
+    )
+
+
+def _write_package(directory: Path, model: nn.Module, **fields: Any) -> TeacherMetadata:
+    """Write ``model``'s weights, then ``teacher.json`` (``fields``, parameter count, sha256)."""
+    directory = Path(directory)
+    weights = write_weights(directory, model)
+    metadata = TeacherMetadata(
+        **fields,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        weights_sha256=_sha256(weights),
     )
     write_metadata(directory, metadata)
     return metadata
