@@ -1,0 +1,347 @@
+"""What a point of accuracy costs across a federation: teacher images, wire bytes, wall-clock.
+
+    python bench/federation_cost.py --out DIR [--quick] [--seeds N] [--minutes M [M ...]]
+                                    [--modes NAME [NAME ...]] [--wan-iterations N]
+
+Three LeNet-5-BN owners on disjoint IID thirds of Fashion-MNIST (training split less a
+5,000-image validation split, held out first, as in bench/quality.py), each a teacher node
+process (mTLS, loopback, one torch thread). The student (CDFKD-MFS, the demo's settings: batch
+128, K = 5, generator width 8) runs in this process with two threads. Modes, side by side:
+
+- ``paper``: the paper-exact loop (every student step on a fresh batch asked of every teacher);
+- ``replay``: a replay memory with the answers cached (``[train.replay]``);
+- ``replay_pipelined``: replay, and the teachers' answers fetched ahead (``train.prefetch``);
+- ``replay_pipelined_float16``: the same with the float16 wire.
+
+**Accuracy at a wall-clock budget.** For each mode and budget (5 and 15 minutes by default) and
+each seed, one run is bounded by that many seconds (``run.max_seconds``). Its learning-rate
+schedule is planned for the iterations the mode reaches in that time, measured by a short
+calibration of that mode just before (decay by 0.1 at 2/3 of them), so that no mode is cut off
+before its decay. The test split is read once, at the end of each run; nothing is chosen here
+on it (the modes' settings are fixed in :data:`MODES`, not tuned).
+
+**The emulated link.** For each mode, a fixed number of iterations with the nodes reached
+directly on loopback and through the userspace proxy emulating a 50 ms round trip and
+100 Mbit/s each way (bench/tcp_proxy.py), interleaved round by round.
+
+Writes DIR/federation_cost.json (``{"modes": {name: M}, "wan": {...}}``, M holding
+``accuracy``, ``accuracy_std``, ``teacher_images``, ``wire_bytes``, ``iterations``, ``seconds``
+at the largest budget, and ``budgets`` with the same for every budget) and appends a table to
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
+from bench.tcp_proxy import Link, RecordingProxy  # noqa: E402
+from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa: E402
+from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
+from cdfkd.coordinator.training_run import run_training  # noqa: E402
+from cdfkd.student_node.config import TrainConfig  # noqa: E402
+from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402
+from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
+from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
+
+logger = logging.getLogger("bench.federation_cost")
+RESULTS = ROOT / "bench" / "RESULTS.md"
+#: gRPC honours these for non-loopback addresses; teacher traffic must stay on this machine.
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY")
+VALIDATION_SAMPLES = 5000
+WAN_ROUND_TRIP_MS = 50.0
+WAN_MBIT = 100.0
+#: Fixed, not tuned: a memory of 32 batches, one fresh batch per iteration, uniform draws.
+REPLAY = {"size": 4096, "new_batches": 1, "sampling": "uniform"}
+PREFETCH = 2
+MODES: dict[str, dict[str, Any]] = {
+    "paper": {"train": {}, "wire_dtype": "float32"},
+    "replay": {"train": {"replay": REPLAY}, "wire_dtype": "float32"},
+    "replay_pipelined": {
+        "train": {"replay": REPLAY, "prefetch": PREFETCH},
+        "wire_dtype": "float32",
+    },
+    "replay_pipelined_float16": {
+        "train": {"replay": REPLAY, "prefetch": PREFETCH},
+        "wire_dtype": "float16",
+    },
+}
+
+
+def train_config(mode: str, iterations: int, seed: int) -> TrainConfig:
+    """The demo's settings for exactly ``iterations`` iterations, decay by 0.1 at 2/3 of them."""
+    per_epoch = 10 if iterations >= 30 else 1
+    epochs = max(1, iterations // per_epoch)
+    return TrainConfig.model_validate(
+        {
+            "batch_size": 128,
+            "iterations_per_epoch": per_epoch,
+            "epochs": epochs,
+            "seed": seed,
+            "optimizer": {"milestones": [max(1, epochs * 2 // 3)]},
+            "generator": {"latent_dim": 256, "width": 8},
+            "attention": {"samples": 60},
+            **MODES[mode]["train"],
+        }
+    )
+
+
+def remote_configs(addresses: list[str], pki: Any, mode: str) -> tuple[RemoteTeacherConfig, ...]:
+    return tuple(
+        RemoteTeacherConfig(
+            address=address,
+            ca=pki.ca.cert,
+            cert=pki.client.cert,
+            key=pki.client.key,
+            wire_dtype=MODES[mode]["wire_dtype"],
+        )
+        for address in addresses
+    )
+
+
+def seconds_per_iteration(
+    configs: tuple[RemoteTeacherConfig, ...], train: TrainConfig, count: int, warmup: int = 2
+) -> float:
+    """Mean seconds of ``count`` iterations after ``warmup`` (fresh state, these teachers)."""
+    with ExitStack() as stack:
+        teachers = [stack.enter_context(RemoteTeacher(c)) for c in configs]
+        torch.manual_seed(train.seed)
+        state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
+        for _ in range(warmup):
+            run_iteration(state, teachers, train)
+        started = time.perf_counter()
+        for _ in range(count):
+            run_iteration(state, teachers, train)
+        return (time.perf_counter() - started) / count
+
+
+def accuracy_run(
+    mode: str,
+    seconds: float,
+    seed: int,
+    addresses: list[str],
+    pki: Any,
+    data: Path,
+    out: Path,
+    calibration: int,
+) -> dict[str, Any]:
+    """One run of ``mode`` bounded by ``seconds``, its schedule planned from a calibration."""
+    configs = remote_configs(addresses, pki, mode)
+    per_iteration = seconds_per_iteration(configs, train_config(mode, 10**4, seed), calibration)
+    planned = max(3, int(seconds / per_iteration))
+    config = RunConfig(
+        data=DataConfig(files=data, eval_samples=10),
+        teachers=configs,
+        train=train_config(mode, planned, seed),
+        run=RunSettings(
+            device="cpu",
+            threads=2,
+            max_seconds=seconds,
+            checkpoint_every=10**6,
+            eval_every=10**6,
+            log_every=10**6,
+        ),
+    )
+    result = run_training(config, out, show_progress=False)
+    summary = result.summary()
+    return {
+        "seed": seed,
+        "accuracy": summary["student_accuracy_mean"],
+        "teacher_images": summary["teacher_images"],
+        "wire_bytes": summary["training_wire_bytes"],
+        "iterations": summary["iterations"],
+        "planned_iterations": planned,
+        "calibrated_seconds_per_iteration": round(per_iteration, 4),
+        "seconds": summary["train_seconds"],
+        "ended_by": summary["ended_by"]["reason"],
+        "teacher_ensemble": summary["teacher_ensemble_accuracy"],
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds (population std of the accuracy, 0 for one seed)."""
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in runs)
+
+    return {
+        "accuracy": mean("accuracy"),
+        "accuracy_std": statistics.pstdev(r["accuracy"] for r in runs) if len(runs) > 1 else 0.0,
+        "teacher_images": mean("teacher_images"),
+        "wire_bytes": mean("wire_bytes"),
+        "iterations": mean("iterations"),
+        "seconds": mean("seconds"),
+        "seeds": len(runs),
+        "runs": runs,
+    }
+
+
+def wan_comparison(
+    mode: str, addresses: list[str], pki: Any, iterations: int, rounds: int
+) -> dict[str, Any]:
+    """Iterations per second of ``mode`` on loopback and through the emulated link."""
+    link = Link.wan(WAN_ROUND_TRIP_MS, WAN_MBIT)
+    train = train_config(mode, 10**4, 0)
+    loopback, emulated, wan_bytes = [], [], 0
+    for _ in range(rounds):
+        direct = remote_configs(addresses, pki, mode)
+        loopback.append(1.0 / seconds_per_iteration(direct, train, iterations, warmup=1))
+        with ExitStack() as stack:
+            proxies = []
+            for address in addresses:
+                host, port = address.rsplit(":", 1)
+                proxy = RecordingProxy((host, int(port)), keep=False, link=link)
+                proxies.append(stack.enter_context(proxy))
+            behind = remote_configs([p.address for p in proxies], pki, mode)
+            emulated.append(1.0 / seconds_per_iteration(behind, train, iterations, warmup=1))
+            wan_bytes += sum(p.total for p in proxies)
+    loopback_rate, emulated_rate = statistics.fmean(loopback), statistics.fmean(emulated)
+    return {
+        "loopback_it_per_s": loopback_rate,
+        "emulated_it_per_s": emulated_rate,
+        "ratio": emulated_rate / loopback_rate,
+        "loopback_rounds": loopback,
+        "emulated_rounds": emulated,
+        "emulated_bytes_per_iteration": wan_bytes / (rounds * (iterations + 1)),
+    }
+
+
+def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python bench/federation_cost.py", *sys.argv[1:]])
+    kind = "smoke run (--quick: too short to judge the targets)" if args.quick else "full run"
+    lines = [
+        f"\n### Federation cost, {stamp}: {kind}\n",
+        f"Command: `{command}`; {report['total_seconds'] / 60:.0f} min in all. Three LeNet-5-BN "
+        "teacher nodes (mTLS, loopback, one thread each) on IID thirds; CDFKD-MFS at the demo's "
+        f"settings; {report['seeds']} seed(s) per cell, mean (population std); accuracy is the "
+        "mean of headers on the test split, read once per run. Replay: "
+        f"{json.dumps(REPLAY)}; prefetch {PREFETCH}.\n",
+        "| mode | budget | accuracy % | iterations | teacher images | wire MB | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, mode in report["modes"].items():
+        for budget, cell in mode["budgets"].items():
+            lines.append(
+                f"| {name} | {budget} | {100 * cell['accuracy']:.2f} "
+                f"({100 * cell['accuracy_std']:.2f}) | {cell['iterations']:.0f} | "
+                f"{cell['teacher_images']:,.0f} | {cell['wire_bytes'] / 1e6:,.0f} | "
+                f"{cell['seconds']:.0f} |"
+            )
+    wan = report["wan"]
+    lines += [
+        "",
+        f"Emulated link ({WAN_ROUND_TRIP_MS:g} ms round trip, {WAN_MBIT:g} Mbit/s each way, per "
+        f"node), {report['wan_iterations']} iterations x {report['wan_rounds']} rounds per mode:\n",
+        "| mode | loopback it/s | emulated it/s | ratio | bytes per iteration |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in wan["per_mode"].items():
+        lines.append(
+            f"| {name} | {row['loopback_it_per_s']:.2f} | {row['emulated_it_per_s']:.2f} | "
+            f"{row['ratio']:.2f} | {row['emulated_bytes_per_iteration'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="everything in a few minutes")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 15.0])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument("--calibration-iterations", type=int, default=6)
+    parser.add_argument("--wan-iterations", type=int, default=10)
+    parser.add_argument("--wan-rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    # A terminated benchmark unwinds (SystemExit), so the node processes it started stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for variable in PROXY_VARIABLES:
+        os.environ.pop(variable, None)
+    if args.quick:
+        args.seeds, args.minutes, args.teacher_epochs = 1, [0.25, 0.5], 1
+        args.calibration_iterations, args.wan_iterations, args.wan_rounds = 2, 2, 1
+    started = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = prepare_data(args.out / "data", VALIDATION_SAMPLES, None)
+    packages = ensure_teachers(
+        args.out / f"teachers-e{args.teacher_epochs}",
+        homogeneous_jobs(args.teacher_epochs, paths.owners),
+    )
+    pki = create_dev_pki(args.out / "pki", force=True)  # this run's own, fresh each time
+    report: dict[str, Any] = {"seeds": args.seeds, "minutes": args.minutes, "quick": args.quick}
+    with ExitStack() as stack:
+        nodes = [
+            stack.enter_context(
+                TeacherNodeProcess(package, args.out / "nodes" / f"{i}", pki, threads=1)
+            )
+            for i, package in enumerate(packages)
+        ]
+        addresses = [node.address for node in nodes]
+        modes: dict[str, Any] = {}
+        for name in args.modes:
+            budgets = {}
+            for minutes in args.minutes:
+                runs = [
+                    accuracy_run(
+                        name,
+                        minutes * 60,
+                        seed,
+                        addresses,
+                        pki,
+                        paths.final,
+                        args.out / "runs" / f"{name}-{minutes:g}min-seed{seed}",
+                        args.calibration_iterations,
+                    )
+                    for seed in range(args.seeds)
+                ]
+                budgets[f"{minutes:g} min"] = aggregate(runs)
+                logger.info("%s %g min: %s", name, minutes, budgets[f"{minutes:g} min"]["accuracy"])
+            largest = budgets[f"{max(args.minutes):g} min"]
+            modes[name] = {**{k: v for k, v in largest.items() if k != "runs"}, "budgets": budgets}
+        per_mode = {
+            name: wan_comparison(name, addresses, pki, args.wan_iterations, args.wan_rounds)
+            for name in args.modes
+        }
+    headline = "replay_pipelined" if "replay_pipelined" in per_mode else args.modes[0]
+    report["modes"] = modes
+    report["wan"] = {
+        **{k: per_mode[headline][k] for k in ("loopback_it_per_s", "emulated_it_per_s", "ratio")},
+        "mode": headline,
+        "round_trip_ms": WAN_ROUND_TRIP_MS,
+        "mbit_per_s": WAN_MBIT,
+        "per_mode": per_mode,
+    }
+    report["wan_iterations"], report["wan_rounds"] = args.wan_iterations, args.wan_rounds
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    if not math.isfinite(report["wan"]["ratio"]):
+        raise RuntimeError("the emulated-link ratio is not finite")
+    (args.out / "federation_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    with RESULTS.open("a") as handle:
+        handle.write(markdown(args, report))
+    print(json.dumps({k: v for k, v in report.items() if k != "modes"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
