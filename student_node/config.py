@@ -121,7 +121,8 @@ class ReplayConfig(BaseModel):
     from the whole memory; ``newest`` takes the fresh batches in order, step k the k-th
     (``new_batches`` must then equal K; with ``size`` = K x batch it is the paper's loop, with
     the answers asked in the same order). The generator step is unchanged (it needs the
-    teachers' input gradients on its own fresh batch).
+    teachers' input gradients on its own fresh batch; with ``generator_objective = "ideal"``
+    it asks no teacher at all).
     """
 
     model_config = _FROZEN
