@@ -10,9 +10,11 @@ budget of ``N`` iterations of the full protocol, so that black-box rows (whose z
 gradient estimate costs queries) run fewer iterations; a teacher is black-box when its node
 gives this caller no input gradients (``logits_only``, and any rule with logit noise, which
 refuses exact gradients). Rows: full; no_features; Gaussian logit noise at three sigmas; one
-teacher logits_only; all logits_only. A row whose budget runs out anyway ends on its last
-completed iteration (``ended_by`` in the row). Writes DIR/privacy.json and appends a table to
-bench/RESULTS.md.
+teacher logits_only; all logits_only; all logits_only with the IDEAL generator objective
+(``generator_objective = "ideal"``: the generator step asks no teacher, so a black-box
+teacher costs K batches an iteration instead of K + 2 + directions). A row whose budget runs
+out anyway ends on its last completed iteration (``ended_by`` in the row). Writes
+DIR/privacy.json and appends a table to bench/RESULTS.md.
 
 ``--epsilon-table``: utility against epsilon. For each epsilon, three owners train teachers on
 disjoint thirds of Fashion-MNIST with differential privacy (``cdfkd teacher train
@@ -67,8 +69,11 @@ TEST_IMAGES = 10_000  # the final evaluation queries every teacher once per test
 DIRECTIONS = 8  # zeroth-order directions for logits-only teachers
 
 
-def train_config(iterations: int) -> TrainConfig:
-    """Exactly ``iterations`` iterations (epochs of 25 where they divide it), decay at 4/5."""
+def train_config(iterations: int, **overrides: Any) -> TrainConfig:
+    """Exactly ``iterations`` iterations (epochs of 25 where they divide it), decay at 4/5.
+
+    ``overrides``: further ``[train]`` settings (a row's, e.g. its generator objective).
+    """
     per_epoch = math.gcd(max(1, iterations), 25)
     epochs = max(1, iterations // per_epoch)
     return TrainConfig.model_validate(
@@ -79,6 +84,7 @@ def train_config(iterations: int) -> TrainConfig:
             "optimizer": {"milestones": [max(1, epochs * 4 // 5)]},
             "generator": {"latent_dim": 256, "width": 8},
             "attention": {"samples": 60},
+            **overrides,
         }
     )
 
@@ -86,6 +92,8 @@ def train_config(iterations: int) -> TrainConfig:
 def images_per_iteration(train: TrainConfig, black_box: bool) -> int:
     """Images one iteration asks of one teacher: K student queries, then the generator step."""
     steps = train.student_steps_per_generator_step
+    if train.generator_objective == "ideal":
+        return steps * train.batch_size  # the generator step asks no teacher
     generator = (1 + DIRECTIONS + 1) if black_box else 2  # query + (estimate probes | InputGrad)
     return (steps + generator) * train.batch_size
 
@@ -98,7 +106,12 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
     ("logits noise sigma 2", [{"perturbation": {"logits_sigma": 2.0}}] * 3),
     ("one teacher logits_only", [{"mode": "logits_only"}, {}, {}]),
     ("all logits_only", [{"mode": "logits_only"}] * 3),
+    ("all logits_only, IDEAL generator", [{"mode": "logits_only"}] * 3),
 ]
+#: ``[train]`` settings of a row beyond the budget's.
+ROW_TRAIN: dict[str, dict[str, Any]] = {
+    "all logits_only, IDEAL generator": {"generator_objective": "ideal"},
+}
 
 
 def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
@@ -139,12 +152,13 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         for remote in remotes:  # what each node gives this caller (GetMetadata, no budget)
             with RemoteTeacher(remote) as teacher:
                 black_box.append("input_grad" not in teacher.info().allowed_outputs)
-        base = train_config(1)
+        overrides = ROW_TRAIN.get(name, {})
+        base = train_config(1, **overrides)
         iterations = budget // max(images_per_iteration(base, b) for b in black_box)
         config = RunConfig(
             data=DataConfig(dataset=DatasetName.FASHION_MNIST),
             teachers=remotes,
-            train=train_config(iterations),
+            train=train_config(iterations, **overrides),
             run=RunSettings(
                 device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
             ),

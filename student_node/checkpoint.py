@@ -31,13 +31,22 @@ FORMAT_VERSION = 1
 _NON_MATH_FIELDS = {"epochs", "attention"}
 
 
-#: Fields added later: left out while unset, so earlier checkpoints keep their fingerprint.
-_LATER_FIELDS = ("image_shape", "normalization", "replay")
+#: Fields added later and their defaults: left out while at their default, so earlier
+#: checkpoints keep their fingerprint.
+_LATER_FIELDS: dict[str, object] = {
+    "image_shape": None,
+    "normalization": None,
+    "replay": None,
+    "generator_objective": "adversarial",
+    "ideal": None,
+    "ensemble_weighting": "equal",
+    "confidence_temperature": 0.1,
+}
 
 
 def config_fingerprint(config: TrainConfig) -> str:
     """sha256 of every config field that changes the math of training."""
-    unset = {name for name in _LATER_FIELDS if getattr(config, name) is None}
+    unset = {name for name, default in _LATER_FIELDS.items() if getattr(config, name) == default}
     data = config.model_dump_json(exclude=_NON_MATH_FIELDS | unset)
     return hashlib.sha256(data.encode()).hexdigest()
 

@@ -121,7 +121,8 @@ class ReplayConfig(BaseModel):
     from the whole memory; ``newest`` takes the fresh batches in order, step k the k-th
     (``new_batches`` must then equal K; with ``size`` = K x batch it is the paper's loop, with
     the answers asked in the same order). The generator step is unchanged (it needs the
-    teachers' input gradients on its own fresh batch).
+    teachers' input gradients on its own fresh batch; with ``generator_objective = "ideal"``
+    it asks no teacher at all).
     """
 
     model_config = _FROZEN
@@ -129,6 +130,29 @@ class ReplayConfig(BaseModel):
     size: int = Field(default=4096, ge=2, le=10_000_000, description="samples kept")
     new_batches: int = Field(default=1, ge=1, le=100, description="fresh batches per iteration")
     sampling: Literal["uniform", "newest"] = "uniform"
+
+
+class IdealConfig(BaseModel):
+    """The student-only generator objective of IDEAL (Zhang et al., ICLR 2023), ``[train.ideal]``.
+
+    With ``generator_objective = "ideal"`` the generator step asks no teacher anything: with
+    S the student's prediction (the mean of its header logits, its inference output, METHOD.md
+    1), L_G = w_c CE(S(x), argmax S(x)) - w_b H(mean_batch softmax S(x)): samples the student
+    classifies confidently, spread over all classes (H the entropy, natural log, of the
+    batch-mean prediction). These are DAFL's one-hot and information-entropy losses with the
+    student in the teacher's place; ``balance`` 5 is DAFL's MNIST weight.
+    """
+
+    model_config = _FROZEN
+
+    confidence: float = Field(default=1.0, ge=0.0, le=1000.0, description="w_c")
+    balance: float = Field(default=5.0, ge=0.0, le=1000.0, description="w_b")
+
+    @model_validator(mode="after")
+    def _check(self) -> IdealConfig:
+        if self.confidence == 0.0 and self.balance == 0.0:
+            raise ValueError("ideal.confidence and ideal.balance are both 0: L_G would be 0")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -160,6 +184,24 @@ class TrainConfig(BaseModel):
         default=None,
         description="a replay memory with cached teacher answers; None: the paper's loop "
         "(every student step on a fresh batch, asked of every teacher)",
+    )
+    generator_objective: Literal["adversarial", "ideal"] = Field(
+        default="adversarial",
+        description="adversarial: the paper's L_G, through the student and every teacher "
+        "(a logits-only teacher's input gradient is a zeroth-order estimate, q + 1 queries "
+        "per image); ideal: IDEAL's student-only L_G ([train.ideal]), no teacher query at all",
+    )
+    ideal: IdealConfig | None = Field(
+        default=None,
+        description="the IDEAL objective's weights; None: IdealConfig()'s defaults",
+    )
+    ensemble_weighting: Literal["equal", "confidence"] = Field(
+        default="equal",
+        description="equal: the teachers' ensemble is the mean of their logits (the paper); "
+        "confidence: a per-sample mean weighted by each teacher's confidence on the sample",
+    )
+    confidence_temperature: float = Field(
+        default=0.1, gt=0.0, le=100.0, description="tau of the confidence weights"
     )
 
     @model_validator(mode="after")
@@ -195,10 +237,40 @@ class TrainConfig(BaseModel):
             raise ValueError("replay.sampling 'newest' needs new_batches = K, one per student step")
         return self
 
+    @model_validator(mode="after")
+    def _check_generator_objective(self) -> TrainConfig:
+        if self.generator_objective == "ideal" and self.method is Method.KD_REAL:
+            raise ValueError(
+                "generator_objective 'ideal' trains the generator: kd_real learns from real "
+                "images and has no generator"
+            )
+        if self.ideal is not None and self.generator_objective != "ideal":
+            raise ValueError(
+                "[train.ideal] sets the IDEAL generator objective's weights, but "
+                "generator_objective is 'adversarial': set generator_objective = 'ideal' or "
+                "drop the table"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_ensemble_weighting(self) -> TrainConfig:
+        if self.ensemble_weighting == "equal" or self.method is Method.DFAD:
+            return self  # dfad's one target is the teachers' ensemble
+        if self.loss_weights().ensemble == 0.0:
+            raise ValueError(
+                f"ensemble_weighting 'confidence' weighs the teachers' ensemble, which "
+                f"{self.method.value} uses only in its ensemble term, and weights.ensemble is 0"
+            )
+        return self
+
     @property
     def total_iterations(self) -> int:
         """Epochs * iterations_per_epoch."""
         return self.epochs * self.iterations_per_epoch
+
+    def ideal_weights(self) -> IdealConfig:
+        """The configured IDEAL weights, or their defaults."""
+        return self.ideal if self.ideal is not None else IdealConfig()
 
     def loss_weights(self) -> LossWeights:
         """The configured weights, or the method's defaults."""

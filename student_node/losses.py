@@ -39,9 +39,19 @@ def header_feature_l1(
     ).mean()
 
 
-def ensemble_l1(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor]) -> Tensor:
-    """L1((1/N) sum_i s_i, (1/N) sum_i t_i): the ensemble term (w_e)."""
-    return l1(torch.stack(list(student_logits)).mean(0), torch.stack(list(teacher_logits)).mean(0))
+def ensemble_l1(
+    student_logits: Sequence[Tensor],
+    teacher_logits: Sequence[Tensor],
+    teacher_weights: Tensor | None = None,
+) -> Tensor:
+    """L1((1/N) sum_i s_i, (1/N) sum_i t_i): the ensemble term (w_e).
+
+    With ``teacher_weights`` (N, B) the teachers' side is the weighted mean of
+    :func:`mean_logits`.
+    """
+    return l1(
+        torch.stack(list(student_logits)).mean(0), mean_logits(teacher_logits, teacher_weights)
+    )
 
 
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -58,13 +68,45 @@ def header_kl(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor]
     ).mean()
 
 
-def ensemble_kl(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor]) -> Tensor:
-    """KL(mean t || mean s): CDFKD's ensemble term."""
+def ensemble_kl(
+    student_logits: Sequence[Tensor],
+    teacher_logits: Sequence[Tensor],
+    teacher_weights: Tensor | None = None,
+) -> Tensor:
+    """KL(mean t || mean s): CDFKD's ensemble term (``teacher_weights`` as in ensemble_l1)."""
     return kd_kl(
-        torch.stack(list(student_logits)).mean(0), torch.stack(list(teacher_logits)).mean(0)
+        torch.stack(list(student_logits)).mean(0), mean_logits(teacher_logits, teacher_weights)
     )
 
 
-def mean_logits(logits: Sequence[Tensor]) -> Tensor:
-    """(1/N) sum_i logits_i."""
-    return torch.stack(list(logits)).mean(0)
+def mean_logits(logits: Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+    """(1/N) sum_i logits_i; with ``weights`` (N, B), per sample b sum_i w_ib logits_i[b]."""
+    stacked = torch.stack(list(logits))
+    if weights is None:
+        return stacked.mean(0)
+    return (weights.unsqueeze(2) * stacked).sum(0)
+
+
+def confidence_weights(logits: Sequence[Tensor], temperature: float) -> Tensor:
+    """Per-sample weights of N teachers, (N, B): softmax over teachers of max_k p_ik(x) / tau.
+
+    p_i = softmax(t_i(x)); max_k p_ik is teacher i's confidence on x, in [1/K, 1] whatever
+    the number of classes K, so tau means the same across label spaces (an entropy would
+    range over [0, log K]). A teacher that saw a class in training tends to be confident on
+    its samples, one that did not tends to spread its mass (label-skewed owners). Computed
+    from the answers only, detached: no gradient flows through the weights.
+    """
+    with torch.no_grad():
+        confidence = torch.stack([F.softmax(t.detach(), dim=1).amax(dim=1) for t in logits])
+        return F.softmax(confidence / temperature, dim=0)
+
+
+def student_confidence_ce(logits: Tensor) -> Tensor:
+    """CE(S(x), argmax S(x)), batch mean: low where the student is confident (IDEAL, DAFL)."""
+    return F.cross_entropy(logits, logits.detach().argmax(dim=1))
+
+
+def batch_mean_entropy(logits: Tensor) -> Tensor:
+    """H(mean_batch softmax(S(x))), natural log: high where the batch spreads over classes."""
+    mean = F.softmax(logits, dim=1).mean(dim=0)
+    return -(mean * torch.log(mean.clamp_min(1e-12))).sum()

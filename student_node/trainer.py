@@ -27,7 +27,9 @@ from cdfkd.student_node.models.multi_header import (
     SingleHeadStudent,
 )
 from cdfkd.student_node.objectives import (
+    ensemble_weights,
     generator_adversarial_loss,
+    generator_ideal_loss,
     student_loss,
     uses_teacher_features,
 )
@@ -59,7 +61,9 @@ class IterationMetrics:
     """What one iteration reports (typed, so no logging key can be swapped).
 
     Student terms are the weighted means over the iteration's K student steps; generator
-    terms are from its one generator step (zero for kd_real, which has none).
+    terms are from its one generator step (zero for kd_real, which has none). With
+    ``generator_objective = "ideal"``, ``adversarial_loss`` is IDEAL's student-only L_G and
+    ``bn_loss`` is 0 (no teacher prior).
     """
 
     iteration: int
@@ -257,7 +261,14 @@ def _student_update(
 ) -> tuple[float, float, float, float]:
     """The student update of :func:`student_step` on given answers."""
     outputs = state.student(images)
-    loss = student_loss(config.method, weights, outputs, teacher_logits, teacher_features)
+    loss = student_loss(
+        config.method,
+        weights,
+        outputs,
+        teacher_logits,
+        teacher_features,
+        ensemble_weights(config, teacher_logits),
+    )
     _require_finite(loss.total, "student loss", state.iteration)
     state.student_optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
@@ -274,9 +285,14 @@ def generator_step(
 ) -> tuple[float, float, float]:
     """One generator update: dL_G/dx = student path + sum_i teacher VJPs, then x.backward.
 
+    With ``config.generator_objective`` "ideal" it is :func:`ideal_generator_step` instead,
+    which asks no teacher.
+
     Returns:
         (L_G, its adversarial part, its weighted BN-prior part).
     """
+    if config.generator_objective == "ideal":
+        return ideal_generator_step(state, config)
     latent = _sample_latent(state, config)
     state.generator_optimizer.zero_grad(set_to_none=True)
     images = state.generator(latent)
@@ -295,7 +311,9 @@ def generator_step(
         teachers,
     )
     teacher_logits = [a.logits.detach().clone().requires_grad_(True) for a in answers]
-    adversarial = generator_adversarial_loss(config.method, weights, outputs, teacher_logits)
+    adversarial = generator_adversarial_loss(
+        config.method, weights, outputs, teacher_logits, ensemble_weights(config, teacher_logits)
+    )
     priors = [a.bn_loss for a in answers if a.bn_loss is not None]
     bn = bn_weight * torch.stack(priors).sum() if priors else adversarial.new_zeros(())
     _require_finite(adversarial + bn, "generator loss", state.iteration)
@@ -317,6 +335,30 @@ def generator_step(
     images.backward(grad_images)
     state.generator_optimizer.step()
     return ((adversarial + bn).item(), adversarial.item(), bn.item())
+
+
+def ideal_generator_step(state: TrainState, config: TrainConfig) -> tuple[float, float, float]:
+    """IDEAL's generator update against the student alone: no teacher is asked anything.
+
+    L_G of :func:`~cdfkd.student_node.objectives.generator_ideal_loss` on a fresh batch,
+    back-propagated through the student (whose parameters it leaves alone) into G.
+
+    Returns:
+        (L_G, L_G, 0.0): the objective, and no BN-prior part.
+    """
+    latent = _sample_latent(state, config)
+    state.generator_optimizer.zero_grad(set_to_none=True)
+    images = state.generator(latent)
+    _require_finite(images, "generator images", state.iteration)
+    leaf = images.detach().requires_grad_(True)
+    loss = generator_ideal_loss(config.ideal_weights(), state.student(leaf))
+    _require_finite(loss.total, "generator loss", state.iteration)
+    (grad_images,) = torch.autograd.grad(loss.total, [leaf])
+    _require_finite(grad_images, "generator input gradient", state.iteration)
+    images.backward(grad_images)
+    state.generator_optimizer.step()
+    total = loss.total.item()
+    return (total, total, 0.0)
 
 
 def _replay_steps(

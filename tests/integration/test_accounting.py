@@ -113,3 +113,24 @@ def test_remote_counts_match_the_nodes_audit_and_the_loop(
         t["bytes_sent"] + t["bytes_received"] for t in summary["teacher_traffic"]
     )
     assert summary["wire_bytes"] > summary["training_wire_bytes"]  # + metadata and evaluation
+
+
+def test_ideal_generator_asks_a_logits_only_node_only_for_the_student_steps(
+    inprocess_node, dev_pki, tmp_path: Path
+) -> None:
+    """``generator_objective = "ideal"``: the node's own audit has no InputGrad and no probe,
+    only the K student queries of each iteration (and the final evaluation)."""
+    pki = dev_pki["trusted"]
+    audit = tmp_path / "audit.jsonl"
+    address = inprocess_node(
+        1, policy={"callers": {"student": {"mode": "logits_only"}}}, audit={"path": str(audit)}
+    )
+    entry = {"address": address, "ca": pki.ca.cert, "cert": pki.client.cert, "key": pki.client.key}
+    config = parse_run_config(small_run([entry], {"generator_objective": "ideal"}, threads=1))
+    summary = run_training(config, tmp_path / "out", show_progress=False).summary()
+    assert summary["ended_by"] == {"reason": "completed"}
+    assert summary["teacher_images_per_teacher"] == [ITERATIONS * K * BATCH]
+    records = [r for r in _audit(audit) if r["decision"] == "allowed"]
+    assert {r["rpc"] for r in records} <= {"Query", "GetMetadata"}
+    queries = [r["images"] for r in records if r["rpc"] == "Query"]
+    assert sum(queries) == ITERATIONS * K * BATCH + TEST_IMAGES
