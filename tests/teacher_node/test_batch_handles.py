@@ -287,8 +287,10 @@ def test_the_generator_step_sends_its_batch_once_on_the_wire(
     sent, generators = {}, {}
     for once in (False, True):
         with RecordingProxy(("127.0.0.1", built.port), keep=False) as proxy:
-            settings = {"send_batch_once": once, "wire_dtype": wire_dtype}
-            with RemoteTeacher(client_config(proxy.address, dev_pki, **settings)) as remote:
+            settings = client_config(
+                proxy.address, dev_pki, send_batch_once=once, wire_dtype=wire_dtype
+            )
+            with RemoteTeacher(settings) as remote:
                 state = init_state(config, [remote.info()], torch.device("cpu"))
                 counted, upstream = remote.bytes_sent, proxy.to_server
                 generator_step(state, [remote], config, config.loss_weights())
