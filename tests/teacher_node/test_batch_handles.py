@@ -259,6 +259,23 @@ def test_the_client_falls_back_to_the_images_when_the_batch_is_gone(
     assert sum(r["images"] for r in grads if r["decision"] == "allowed") == 3 * BATCH
 
 
+def test_a_node_that_keeps_missing_batches_is_no_longer_asked_to_keep(node, dev_pki) -> None:
+    clock = FakeClock()
+    built = node(monotonic=clock)
+    images, cotangent = _images(), torch.randn(BATCH, 10)
+    with RemoteTeacher(client_config(f"127.0.0.1:{built.port}", dev_pki)) as remote:
+        for _ in range(3):
+            remote.query(images, features=False, keep_for_grad=True)
+            assert len(built.servicer._kept) == 1  # noqa: SLF001
+            clock.now += 121.0
+            remote.input_grad(images, cotangent, 0.05)
+        assert (remote.handle_hits, remote.handle_misses) == (0, 3)
+        remote.query(images, features=False, keep_for_grad=True)
+        assert len(built.servicer._kept) == 0  # noqa: SLF001 - not asked any more
+        remote.input_grad(images, cotangent, 0.05)
+        assert (remote.handle_hits, remote.handle_misses) == (0, 3)
+
+
 def test_a_node_that_keeps_nothing_gets_the_images(node, dev_pki, digits_teachers) -> None:
     address = f"127.0.0.1:{node(limits={'kept_batches_per_caller': 0}).port}"
     local = InProcessTeacher.from_package(digits_teachers.packages[0])
