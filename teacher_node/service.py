@@ -536,7 +536,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         kept = self._kept.get(caller, request.batch_handle)
         call: _Call | None = getattr(self._local, "call", None)
         if call is not None:
-            call.kept_images = _claimed_images(teacher_pb2.InputGradRequest(images=kept))
+            call.kept_images = int(kept.shape[0]) if kept.shape else 0
         return kept
 
     def _images(self, message: teacher_pb2.Tensor) -> torch.Tensor:
