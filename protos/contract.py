@@ -14,3 +14,7 @@ REQUEST_ID_KEY = "cdfkd-request-id"
 #: ``{"budget": "budget_images" | "budget_images_per_day", "limit": n, "used": n,
 #: "requested": n}``, so that the student can say which budget ended its run (and never retry).
 BUDGET_EXHAUSTED_KEY = "cdfkd-budget-exhausted"
+
+#: Length of a Query's ``batch_handle`` (random bytes): an InputGrad whose handle has another
+#: length is refused with INVALID_ARGUMENT before any lookup.
+BATCH_HANDLE_BYTES = 16

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x64\x66kd/protos/teacher.proto\x12\x10\x63\x64\x66kd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x14\n\x12GetMetadataRequest\"\xf7\x02\n\x13GetMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\x05\x12\x1a\n\x12normalization_mean\x18\x05 \x03(\x01\x12\x19\n\x11normalization_std\x18\x06 \x03(\x01\x12\x17\n\x0f\x61llowed_outputs\x18\x07 \x03(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x13\n\x0bwire_dtypes\x18\n \x03(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x18\n\x10remaining_budget\x18\x0c \x01(\x03\x12\x14\n\x0chas_bn_prior\x18\r \x01(\x08\x12\x16\n\x0emax_image_side\x18\x0e \x01(\x03\x12*\n\x07privacy\x18\x0f \x01(\x0b\x32\x19.cdfkd.teacher.v1.Privacy\"\xa6\x01\n\x07Privacy\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x12\n\naccountant\x18\x04 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12#\n\x1bstatistics_noise_multiplier\x18\x07 \x01(\x01\"}\n\x0cQueryRequest\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x15\n\rwant_features\x18\x02 \x01(\x08\x12\x14\n\x0cwant_bn_loss\x18\x03 \x01(\x08\x12\x16\n\x0eresponse_dtype\x18\x04 \x01(\t\"v\n\rQueryResponse\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12*\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x0f\n\x07\x62n_loss\x18\x03 \x01(\x01\"\x96\x01\n\x10InputGradRequest\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12-\n\x0bgrad_logits\x18\x02 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x11\n\tbn_weight\x18\x03 \x01(\x01\x12\x16\n\x0eresponse_dtype\x18\x04 \x01(\t\"B\n\x11InputGradResponse\x12-\n\x0bgrad_images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor2\x8c\x02\n\x0eTeacherService\x12Z\n\x0bGetMetadata\x12$.cdfkd.teacher.v1.GetMetadataRequest\x1a%.cdfkd.teacher.v1.GetMetadataResponse\x12H\n\x05Query\x12\x1e.cdfkd.teacher.v1.QueryRequest\x1a\x1f.cdfkd.teacher.v1.QueryResponse\x12T\n\tInputGrad\x12\".cdfkd.teacher.v1.InputGradRequest\x1a#.cdfkd.teacher.v1.InputGradResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x64\x66kd/protos/teacher.proto\x12\x10\x63\x64\x66kd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x14\n\x12GetMetadataRequest\"\xf7\x02\n\x13GetMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\x05\x12\x1a\n\x12normalization_mean\x18\x05 \x03(\x01\x12\x19\n\x11normalization_std\x18\x06 \x03(\x01\x12\x17\n\x0f\x61llowed_outputs\x18\x07 \x03(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x13\n\x0bwire_dtypes\x18\n \x03(\t\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x18\n\x10remaining_budget\x18\x0c \x01(\x03\x12\x14\n\x0chas_bn_prior\x18\r \x01(\x08\x12\x16\n\x0emax_image_side\x18\x0e \x01(\x03\x12*\n\x07privacy\x18\x0f \x01(\x0b\x32\x19.cdfkd.teacher.v1.Privacy\"\xa6\x01\n\x07Privacy\x12\x11\n\tmechanism\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x12\n\naccountant\x18\x04 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x06 \x01(\x01\x12#\n\x1bstatistics_noise_multiplier\x18\x07 \x01(\x01\"\x94\x01\n\x0cQueryRequest\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x15\n\rwant_features\x18\x02 \x01(\x08\x12\x14\n\x0cwant_bn_loss\x18\x03 \x01(\x08\x12\x16\n\x0eresponse_dtype\x18\x04 \x01(\t\x12\x15\n\rkeep_for_grad\x18\x05 \x01(\x08\"\x8c\x01\n\rQueryResponse\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12*\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x0f\n\x07\x62n_loss\x18\x03 \x01(\x01\x12\x14\n\x0c\x62\x61tch_handle\x18\x04 \x01(\x0c\"\xac\x01\n\x10InputGradRequest\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12-\n\x0bgrad_logits\x18\x02 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor\x12\x11\n\tbn_weight\x18\x03 \x01(\x01\x12\x16\n\x0eresponse_dtype\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61tch_handle\x18\x05 \x01(\x0c\"B\n\x11InputGradResponse\x12-\n\x0bgrad_images\x18\x01 \x01(\x0b\x32\x18.cdfkd.teacher.v1.Tensor2\x8c\x02\n\x0eTeacherService\x12Z\n\x0bGetMetadata\x12$.cdfkd.teacher.v1.GetMetadataRequest\x1a%.cdfkd.teacher.v1.GetMetadataResponse\x12H\n\x05Query\x12\x1e.cdfkd.teacher.v1.QueryRequest\x1a\x1f.cdfkd.teacher.v1.QueryResponse\x12T\n\tInputGrad\x12\".cdfkd.teacher.v1.InputGradRequest\x1a#.cdfkd.teacher.v1.InputGradResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMETADATARESPONSE']._serialized_end=500
   _globals['_PRIVACY']._serialized_start=503
   _globals['_PRIVACY']._serialized_end=669
-  _globals['_QUERYREQUEST']._serialized_start=671
-  _globals['_QUERYREQUEST']._serialized_end=796
-  _globals['_QUERYRESPONSE']._serialized_start=798
-  _globals['_QUERYRESPONSE']._serialized_end=916
-  _globals['_INPUTGRADREQUEST']._serialized_start=919
-  _globals['_INPUTGRADREQUEST']._serialized_end=1069
-  _globals['_INPUTGRADRESPONSE']._serialized_start=1071
-  _globals['_INPUTGRADRESPONSE']._serialized_end=1137
-  _globals['_TEACHERSERVICE']._serialized_start=1140
-  _globals['_TEACHERSERVICE']._serialized_end=1408
+  _globals['_QUERYREQUEST']._serialized_start=672
+  _globals['_QUERYREQUEST']._serialized_end=820
+  _globals['_QUERYRESPONSE']._serialized_start=823
+  _globals['_QUERYRESPONSE']._serialized_end=963
+  _globals['_INPUTGRADREQUEST']._serialized_start=966
+  _globals['_INPUTGRADREQUEST']._serialized_end=1138
+  _globals['_INPUTGRADRESPONSE']._serialized_start=1140
+  _globals['_INPUTGRADRESPONSE']._serialized_end=1206
+  _globals['_TEACHERSERVICE']._serialized_start=1209
+  _globals['_TEACHERSERVICE']._serialized_end=1477
 # @@protoc_insertion_point(module_scope)

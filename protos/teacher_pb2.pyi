@@ -73,38 +73,44 @@ class Privacy(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., statistics_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("images", "want_features", "want_bn_loss", "response_dtype")
+    __slots__ = ("images", "want_features", "want_bn_loss", "response_dtype", "keep_for_grad")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     WANT_BN_LOSS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FOR_GRAD_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     want_features: bool
     want_bn_loss: bool
     response_dtype: str
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., want_features: _Optional[bool] = ..., want_bn_loss: _Optional[bool] = ..., response_dtype: _Optional[str] = ...) -> None: ...
+    keep_for_grad: bool
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., want_features: _Optional[bool] = ..., want_bn_loss: _Optional[bool] = ..., response_dtype: _Optional[str] = ..., keep_for_grad: _Optional[bool] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("logits", "features", "bn_loss")
+    __slots__ = ("logits", "features", "bn_loss", "batch_handle")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_HANDLE_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     features: Tensor
     bn_loss: float
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ...) -> None: ...
+    batch_handle: bytes
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., batch_handle: _Optional[bytes] = ...) -> None: ...
 
 class InputGradRequest(_message.Message):
-    __slots__ = ("images", "grad_logits", "bn_weight", "response_dtype")
+    __slots__ = ("images", "grad_logits", "bn_weight", "response_dtype", "batch_handle")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
     BN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_HANDLE_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     grad_logits: Tensor
     bn_weight: float
     response_dtype: str
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_weight: _Optional[float] = ..., response_dtype: _Optional[str] = ...) -> None: ...
+    batch_handle: bytes
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_weight: _Optional[float] = ..., response_dtype: _Optional[str] = ..., batch_handle: _Optional[bytes] = ...) -> None: ...
 
 class InputGradResponse(_message.Message):
     __slots__ = ("grad_images",)

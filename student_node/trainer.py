@@ -307,6 +307,7 @@ def generator_step(
             frozen,
             features=False,
             bn_loss=bn_weight != 0.0 and "bn_loss" in t.info().allowed_outputs,
+            keep_for_grad=True,  # its input_grad below names the batch, not resends it
         ),
         teachers,
     )

@@ -93,6 +93,14 @@ class Limits(BaseModel):
     max_in_flight_per_caller: int = Field(default=4, ge=1, le=256)
     request_id_ttl_s: float = Field(default=600.0, ge=0.0, le=86_400.0)
     request_id_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=2**34)
+    kept_batch_ttl_s: float = Field(
+        default=120.0, ge=0.0, le=3600.0, description="a Query's kept batch waits this long"
+    )
+    kept_batches_per_caller: int = Field(
+        default=4, ge=0, le=256, description="batches kept per caller for InputGrad; 0: none"
+    )
+    kept_batch_bytes_per_caller: int = Field(default=32 * 1024 * 1024, ge=0, le=2**34)
+    kept_batch_memory_bytes: int = Field(default=256 * 1024 * 1024, ge=0, le=2**36)
 
 
 class Choices(BaseModel):

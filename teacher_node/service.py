@@ -11,6 +11,10 @@ same id and bytes gets the stored reply, see :mod:`request_ids`), and wait for t
 in :meth:`TeacherServicer._charge`, the one place an answer is charged: a call whose client has
 gone by then is dropped, neither computed nor charged. Answer paths call ``self._charge``
 where they used to call ``policy.admit``.
+
+A Query with ``keep_for_grad`` leaves its images in :class:`KeptBatches` (only for callers that
+may have input gradients) and answers a ``batch_handle``; an InputGrad with that handle is
+served from the kept images after the very checks, charge and audit of one with the images.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ import torch
 
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc
 from cdfkd.protos.codec import InvalidTensor, TensorLimits, decode, encode
-from cdfkd.protos.contract import BUDGET_EXHAUSTED_KEY, REQUEST_ID_KEY, RETRY_AFTER_KEY
+from cdfkd.protos.contract import (
+    BATCH_HANDLE_BYTES,
+    BUDGET_EXHAUSTED_KEY,
+    REQUEST_ID_KEY,
+    RETRY_AFTER_KEY,
+)
 from cdfkd.teacher_node.admission import Admission, CallDropped, Clock, FairQueue, Ticket
 from cdfkd.teacher_node.answers import (
     KeyedNoise,
@@ -51,6 +60,7 @@ from cdfkd.teacher_node.errors import (
     Unauthenticated,
 )
 from cdfkd.teacher_node.identity import CallerIdentities
+from cdfkd.teacher_node.kept_batches import BatchHandleUnknown, KeptBatches
 from cdfkd.teacher_node.package import TeacherMetadata
 from cdfkd.teacher_node.policy import MODE_OUTPUTS, BudgetExhausted, CallerRule, Policy
 from cdfkd.teacher_node.privacy import PrivacyGuarantee
@@ -78,6 +88,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (BatchHandleUnknown, grpc.StatusCode.NOT_FOUND),
 )
 #: RPCs that run the engine: admitted, queued fairly, charged once per request id.
 ENGINE_RPCS = frozenset({"Query", "InputGrad"})
@@ -153,6 +164,8 @@ class _Call:
     ticket: Ticket | None = None
     decision: str = ""
     images: int = 0
+    #: The batch size of the kept images an InputGrad's handle names (for its refusal's audit).
+    kept_images: int | None = None
 
     def still_wanted(self) -> bool:
         """Whether the client still waits for the answer."""
@@ -200,6 +213,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         metrics: NodeMetrics | None = None,
         monotonic: Clock = time.monotonic,
         max_message_bytes: int | None = None,
+        kept: KeptBatches | None = None,
     ) -> None:
         self._engine = engine
         self._metadata = metadata
@@ -214,6 +228,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             config.limits.request_id_ttl_s,
             MAX_REQUEST_IDS_PER_CALLER,
             config.limits.request_id_memory_bytes,
+            monotonic,
+        )
+        limits = config.limits
+        self._kept = kept or KeptBatches(
+            limits.kept_batch_ttl_s,
+            limits.kept_batches_per_caller,
+            limits.kept_batch_bytes_per_caller,
+            limits.kept_batch_memory_bytes,
             monotonic,
         )
         self._metrics = metrics
@@ -382,7 +404,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     def _audit_quietly(self, call: _Call, request: Any, decision: str, reason: str) -> bool:
         """Audit a refusal; False (logged) if the audit log cannot be written."""
         try:
-            self._audit(call.caller, call.rpc, _claimed_images(request), decision, reason=reason)
+            claimed = _claimed_images(request) if call.kept_images is None else call.kept_images
+            self._audit(call.caller, call.rpc, claimed, decision, reason=reason)
         except AuditUnavailable as failure:
             logger.error("%s from %s: %s", call.rpc, call.caller, failure)
             if self._metrics is not None:
@@ -445,10 +468,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             features=request.want_features,
             bn_loss=request.want_bn_loss,
         )
+        handle = None
+        if request.keep_for_grad and "input_grad" in self._allowed(rule):
+            handle = self._kept.keep(caller, request.images)
         reply = teacher_pb2.QueryResponse(
             logits=encode(answer.logits, dtype),
             features=None if answer.features is None else encode(answer.features, dtype),
             bn_loss=0.0 if answer.bn_loss is None else answer.bn_loss,
+            batch_handle=handle or b"",
         )
         self._audit(caller, "Query", images.shape[0], "allowed", bytes_returned=reply.ByteSize())
         return reply
@@ -467,7 +494,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         wanted = {"input_grad", "bn_loss"} if request.bn_weight != 0.0 else {"input_grad"}
         self._check_bn_prior(request.bn_weight != 0.0)
         self._require(caller, rule, wanted)
-        images = self._images(request.images)
+        sent = self._kept_images(request, caller)
+        images = self._images(sent)
         grad_logits = decode(
             request.grad_logits,
             name="grad_logits",
@@ -475,7 +503,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             limits=self._limits,
             allowed_dtypes=self._dtypes,
         )
-        dtype = self._response_dtype(request.response_dtype, request.images.dtype)
+        dtype = self._response_dtype(request.response_dtype, sent.dtype)
         self._charge(caller, rule, images.shape[0])
         gradient = answer_input_grad(
             self._engine, images, grad_logits, request.bn_weight, rule.perturbation, self._noise
@@ -484,7 +512,32 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._audit(
             caller, "InputGrad", images.shape[0], "allowed", bytes_returned=reply.ByteSize()
         )
+        if request.batch_handle:
+            self._kept.release(caller, request.batch_handle)
         return reply
+
+    def _kept_images(
+        self, request: teacher_pb2.InputGradRequest, caller: str
+    ) -> teacher_pb2.Tensor:
+        """The InputGrad's images: those sent, or those its ``batch_handle`` names.
+
+        Raises:
+            InvalidInput: both or a malformed handle.
+            BatchHandleUnknown: this caller holds no batch under the handle.
+        """
+        if not request.batch_handle:
+            return request.images
+        if request.HasField("images"):
+            raise InvalidInput("send the images or a batch_handle, not both")
+        if len(request.batch_handle) != BATCH_HANDLE_BYTES:
+            raise InvalidInput(
+                f"a batch_handle has {BATCH_HANDLE_BYTES} bytes, not {len(request.batch_handle)}"
+            )
+        kept = self._kept.get(caller, request.batch_handle)
+        call: _Call | None = getattr(self._local, "call", None)
+        if call is not None:
+            call.kept_images = int(kept.shape[0]) if kept.shape else 0
+        return kept
 
     def _images(self, message: teacher_pb2.Tensor) -> torch.Tensor:
         shape = list(message.shape)

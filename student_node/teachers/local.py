@@ -74,9 +74,17 @@ class InProcessTeacher:
         return self._info
 
     def query(
-        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+        self,
+        images: Tensor,
+        *,
+        features: bool = True,
+        bn_loss: bool = True,
+        keep_for_grad: bool = False,
     ) -> TeacherOutputs:
-        """Logits (and features, R(x) when asked) for ``images``; no gradient."""
+        """Logits (and features, R(x) when asked) for ``images``; no gradient.
+
+        ``keep_for_grad`` changes nothing here: no image crosses a wire.
+        """
         out = self._engine.query(images, with_bn_loss=bn_loss)
         self.images_answered += images.shape[0]
         return TeacherOutputs(out.logits, out.features if features else None, out.bn_loss)

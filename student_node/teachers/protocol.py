@@ -102,14 +102,22 @@ class Teacher(Protocol):
         ...
 
     def query(
-        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+        self,
+        images: Tensor,
+        *,
+        features: bool = True,
+        bn_loss: bool = True,
+        keep_for_grad: bool = False,
     ) -> TeacherOutputs:
         """Logits (and features, R(x) when asked) for ``images`` float32 (B, C, H, W).
 
         ``images`` are run-space pixels on the [0, 1] scale (``teacher_node/image_space.py``);
         the trainer sees teachers through ``RunSpaceTeacher``, which takes standardized images
         and maps them. No gradient flows. The student step asks for features, the generator
-        step for R(x); what is not asked for is neither computed nor sent.
+        step for R(x); what is not asked for is neither computed nor sent. ``keep_for_grad``
+        says an ``input_grad`` of the same images follows (the generator step): a remote
+        teacher then asks its node to keep them, so they cross the wire once; the answers are
+        the same either way.
         """
         ...
 

@@ -1,8 +1,15 @@
 """RemoteTeacher: the Teacher protocol over gRPC to a teacher node.
 
-Every call has a deadline; calls are idempotent (the node keeps no state), so UNAVAILABLE and
-DEADLINE_EXCEEDED are retried with exponential backoff; every other status maps to a typed
-error whose message says what to do. gRPC channels do not pickle: pass a
+Every call has a deadline; calls are idempotent (a request id makes a retry of an answered
+call get the stored answer), so UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential
+backoff; every other status maps to a typed error whose message says what to do.
+
+The generator step sends its batch once (``send_batch_once``): its Query asks the node to keep
+the images, and the InputGrad of the very same wire bytes carries the node's batch handle
+instead of them. Where the node answers no handle (an older node, a logits-only caller, a node
+that keeps nothing) or no longer holds the batch (NOT_FOUND: expired, evicted, a restarted or
+another replica), the InputGrad is sent again with the images, so a run never fails for it;
+the answer is the same either way. gRPC channels do not pickle: pass a
 :class:`RemoteTeacherConfig` (addresses and file paths) and build the teacher where it is used.
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +49,16 @@ Reply = TypeVar("Reply")
 
 _RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _GRPC_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
+#: Statuses of an InputGrad by batch handle after which the images are sent instead: the node
+#: does not hold the batch (NOT_FOUND, FAILED_PRECONDITION), does not know the field
+#: (INVALID_ARGUMENT: an older node sees no images), or the method (UNIMPLEMENTED).
+_HANDLE_FALLBACK = frozenset(
+    {"NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "UNIMPLEMENTED"}
+)
+#: Handles the client remembers per teacher (the generator step needs one at a time).
+_MAX_KEPT = 4
+#: Consecutive handle misses after which a teacher is no longer asked to keep batches.
+_MAX_HANDLE_MISSES = 3
 
 
 def privacy_of(metadata: teacher_pb2.GetMetadataResponse) -> PrivacyInfo | None:
@@ -84,6 +102,11 @@ class RemoteTeacherConfig(BaseModel):
     zeroth_order_step: float = Field(default=0.01, gt=0.0, le=10.0)
     seed: int = Field(default=0, description="seed of the zeroth-order directions")
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    send_batch_once: bool = Field(
+        default=True,
+        description="the generator step's InputGrad names its Query's kept batch instead of "
+        "sending the images again (falls back to the images where the node does not keep it)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RemoteTeacherConfig:
@@ -202,6 +225,12 @@ class RemoteTeacher:
         #: Images in the answers received (Query and InputGrad; a zeroth-order estimate's
         #: probes are queries): what the node charged this caller for them.
         self.images_answered = 0
+        #: InputGrads that named a kept batch, and those the node no longer held (sent again).
+        self.handle_hits = 0
+        self.handle_misses = 0
+        self._kept: list[tuple[teacher_pb2.Tensor, bytes]] = []
+        self._kept_lock = threading.Lock()
+        self._consecutive_misses = 0
         metadata = self._call(
             "GetMetadata", self._stub.GetMetadata, teacher_pb2.GetMetadataRequest()
         )
@@ -242,16 +271,30 @@ class RemoteTeacher:
         return self._info
 
     def query(
-        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+        self,
+        images: Tensor,
+        *,
+        features: bool = True,
+        bn_loss: bool = True,
+        keep_for_grad: bool = False,
     ) -> TeacherOutputs:
-        """Logits (and features, R(x) when asked), computed on the node."""
+        """Logits (and features, R(x) when asked), computed on the node.
+
+        With ``keep_for_grad`` (and ``send_batch_once``) the node is asked to keep the images
+        for the ``input_grad`` that follows.
+        """
+        keep = keep_for_grad and self._keeps_batches()
         request = teacher_pb2.QueryRequest(
             images=encode(images, self.config.wire_dtype),
             want_features=features,
             want_bn_loss=bn_loss,
             response_dtype=self.config.wire_dtype,
+            keep_for_grad=keep,
         )
         reply = self._call("Query", self._stub.Query, request)
+        if keep and reply.batch_handle:
+            with self._kept_lock:
+                self._kept = [*self._kept[1 - _MAX_KEPT :], (request.images, reply.batch_handle)]
         batch = images.shape[0]
         self.images_answered += batch
         device = images.device
@@ -280,16 +323,64 @@ class RemoteTeacher:
                 self._directions,
                 self.metadata.max_batch,
             )
+        sent = encode(images, self.config.wire_dtype)
         request = teacher_pb2.InputGradRequest(
-            images=encode(images, self.config.wire_dtype),
             grad_logits=encode(grad_logits, self.config.wire_dtype),
             bn_weight=float(bn_weight),
             response_dtype=self.config.wire_dtype,
         )
-        reply = self._call("InputGrad", self._stub.InputGrad, request)
+        handle = self._take_handle(sent)
+        reply = None
+        if handle is not None:
+            request.batch_handle = handle
+            try:
+                reply = self._call("InputGrad", self._stub.InputGrad, request)
+                self.handle_hits += 1
+                self._consecutive_misses = 0
+            except RemoteTeacherError as error:
+                if error.code not in _HANDLE_FALLBACK:
+                    raise
+                self._missed(error)
+                request.ClearField("batch_handle")
+        if reply is None:
+            request.images.CopyFrom(sent)
+            reply = self._call("InputGrad", self._stub.InputGrad, request)
         self.images_answered += images.shape[0]
         gradient = self._decode(reply.grad_images, "grad_images", tuple(images.shape))
         return gradient.to(images.device)
+
+    def _keeps_batches(self) -> bool:
+        """Whether to ask the node to keep a generator batch."""
+        return (
+            self.config.send_batch_once
+            and "input_grad" in self._info.allowed_outputs
+            and self._consecutive_misses < _MAX_HANDLE_MISSES
+        )
+
+    def _take_handle(self, sent: teacher_pb2.Tensor) -> bytes | None:
+        """The handle of a kept batch of exactly these wire bytes (forgotten here once taken)."""
+        with self._kept_lock:
+            for index, (kept, handle) in enumerate(self._kept):
+                if kept.dtype == sent.dtype and kept.shape == sent.shape and kept.data == sent.data:
+                    del self._kept[index]
+                    return handle
+        return None
+
+    def _missed(self, error: RemoteTeacherError) -> None:
+        self.handle_misses += 1
+        self._consecutive_misses += 1
+        logger.info(
+            "teacher node %s does not hold the kept batch (%s): sending the images",
+            self.config.address,
+            error.code,
+        )
+        if self._consecutive_misses == _MAX_HANDLE_MISSES:
+            logger.warning(
+                "teacher node %s missed %d kept batches in a row: sending generator batches "
+                "twice from now on",
+                self.config.address,
+                _MAX_HANDLE_MISSES,
+            )
 
     def _decode(self, message: teacher_pb2.Tensor, name: str, shape: tuple[int, ...]) -> Tensor:
         try:

@@ -166,10 +166,18 @@ class RunSpaceTeacher:
         return self.teacher.info()
 
     def query(
-        self, images: Tensor, *, features: bool = True, bn_loss: bool = True
+        self,
+        images: Tensor,
+        *,
+        features: bool = True,
+        bn_loss: bool = True,
+        keep_for_grad: bool = False,
     ) -> TeacherOutputs:
         """The teacher's answers for standardized run images ``images``."""
-        return self.teacher.query(self.to_pixels(images), features=features, bn_loss=bn_loss)
+        pixels = self.to_pixels(images)
+        if not keep_for_grad:  # a teacher that predates keep_for_grad still works
+            return self.teacher.query(pixels, features=features, bn_loss=bn_loss)
+        return self.teacher.query(pixels, features=features, bn_loss=bn_loss, keep_for_grad=True)
 
     def input_grad(self, images: Tensor, grad_logits: Tensor, bn_weight: float) -> Tensor:
         """d/d(images) of the teacher's objective: its pixel gradient times the run std."""

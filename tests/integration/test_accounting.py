@@ -104,8 +104,10 @@ def test_remote_counts_match_the_nodes_audit_and_the_loop(
         # Every reply the node sent, byte for byte (its size plus gRPC's 5-byte prefix).
         assert entry["bytes_received"] == sum(r["bytes_returned"] + GRPC_PREFIX for r in records)
         assert entry["rpc_calls"] == len(records)
-        # Requests carry the float32 images (1x16x16): at least 1 KiB each, little more.
-        pixels = 4 * 16 * 16 * answered
+        # Query requests carry the float32 images (1x16x16): at least 1 KiB each, little more.
+        # InputGrad requests name the generator batch their Query kept: no pixels again.
+        queried = sum(r["images"] for r in records if r["rpc"] == "Query")
+        pixels = 4 * 16 * 16 * queried
         assert pixels < entry["bytes_sent"] < 1.05 * pixels
         assert entry["training_wire_bytes"] > 0
     assert summary["training_wire_bytes"] == sum(summary["training_wire_bytes_per_teacher"])
