@@ -55,7 +55,12 @@ class LogitsOnlyTeacher:
         )
 
     def query(
-        self, images: torch.Tensor, *, features: bool = True, bn_loss: bool = True
+        self,
+        images: torch.Tensor,
+        *,
+        features: bool = True,
+        bn_loss: bool = True,
+        keep_for_grad: bool = False,
     ) -> TeacherOutputs:
         assert not features, "a logits_only owner gives no features"
         assert not bn_loss, "a logits_only owner gives no BN prior"
