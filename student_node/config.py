@@ -161,6 +161,14 @@ class TrainConfig(BaseModel):
         description="a replay memory with cached teacher answers; None: the paper's loop "
         "(every student step on a fresh batch, asked of every teacher)",
     )
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="batches whose teacher queries are asked ahead while the student "
+        "computes (the generator is fixed between its steps, so the result is the same); "
+        "0: the serial loop, each batch asked when its step begins",
+    )
 
     @model_validator(mode="after")
     def _check_image_space(self) -> TrainConfig:
