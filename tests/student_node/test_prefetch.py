@@ -124,8 +124,8 @@ def test_prefetch_gives_the_serial_loop_bit_for_bit(
 ) -> None:
     """Same state (student, generator with its BN statistics, optimizers, RNG, memory), same
     batches asked of each teacher in the same order."""
-    real = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    real = real if method is Method.KD_REAL else None
+    drawn = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    real = drawn if method is Method.KD_REAL else None
     serial, serial_teachers = _run(digits_teachers, small_config(method, **extra), real)
     piped, piped_teachers = _run(
         digits_teachers, small_config(method, prefetch=depth, **extra), real
