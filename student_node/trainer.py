@@ -2,7 +2,9 @@
 
 No grpc, ray or flwr here: the loop takes its teachers, RNG and device as arguments and
 reports through callbacks. The generator step needs from each teacher only its logits, R(x)
-and the input VJP, so in-process and remote teachers give the same gradients.
+and the input VJP, so in-process and remote teachers give the same gradients. With
+``config.prefetch`` the Query calls of an iteration are asked ahead while the student computes
+(``student_node/prefetch.py``), with the serial loop's result.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cdfkd.student_node.objectives import (
     uses_teacher_features,
 )
 from cdfkd.student_node.prefetch import Ask, Lookahead, TeacherLanes
-from cdfkd.student_node.replay import ReplayMemory
+from cdfkd.student_node.replay import Batch, ReplayMemory
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
 from cdfkd.student_node.teachers.run_space import check_channels
 
@@ -380,7 +382,7 @@ def _student_batch(state: TrainState, config: TrainConfig, real_images: Tensor |
     return images
 
 
-def _replay_batches(state: TrainState, memory: ReplayMemory, config: TrainConfig) -> list:
+def _replay_batches(state: TrainState, memory: ReplayMemory, config: TrainConfig) -> list[Batch]:
     """The K student steps' batches drawn from the memory (after this iteration's fresh ones)."""
     replay = config.replay
     assert replay is not None
