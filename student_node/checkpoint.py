@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
 FORMAT_VERSION = 1
 #: Fields that do not change the math of an iteration: a run may be extended or re-evaluated.
-_NON_MATH_FIELDS = {"epochs", "attention"}
+#: (``prefetch`` changes when the teachers are asked, not what: the same state bit for bit.)
+_NON_MATH_FIELDS = {"epochs", "attention", "prefetch"}
 
 
 #: Fields added later and their defaults: left out while at their default, so earlier

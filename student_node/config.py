@@ -203,6 +203,14 @@ class TrainConfig(BaseModel):
     confidence_temperature: float = Field(
         default=0.1, gt=0.0, le=100.0, description="tau of the confidence weights"
     )
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="batches whose teacher queries are asked ahead while the student "
+        "computes (the generator is fixed between its steps, so the result is the same); "
+        "0: the serial loop, each batch asked when its step begins",
+    )
 
     @model_validator(mode="after")
     def _check_image_space(self) -> TrainConfig:

@@ -2,7 +2,9 @@
 
 No grpc, ray or flwr here: the loop takes its teachers, RNG and device as arguments and
 reports through callbacks. The generator step needs from each teacher only its logits, R(x)
-and the input VJP, so in-process and remote teachers give the same gradients.
+and the input VJP, so in-process and remote teachers give the same gradients. With
+``config.prefetch`` the Query calls of an iteration are asked ahead while the student computes
+(``student_node/prefetch.py``), with the serial loop's result.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol, assert_never
 
@@ -33,7 +36,8 @@ from cdfkd.student_node.objectives import (
     student_loss,
     uses_teacher_features,
 )
-from cdfkd.student_node.replay import ReplayMemory
+from cdfkd.student_node.prefetch import Ask, Lookahead, TeacherLanes
+from cdfkd.student_node.replay import Batch, ReplayMemory
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
 from cdfkd.student_node.teachers.run_space import check_channels
 
@@ -242,12 +246,21 @@ def _student_answers(
     """What a student step needs of every teacher: logits, and features where L_S uses them."""
     features = uses_teacher_features(config.method, weights)
     answers: list[TeacherOutputs] = _fan_out(
-        executor,
-        lambda t: t.query(
-            images, features=features and "features" in t.info().allowed_outputs, bn_loss=False
-        ),
-        teachers,
+        executor, lambda t: _student_query(t, images, features), teachers
     )
+    return _split(answers, features)
+
+
+def _student_query(teacher: Teacher, images: Tensor, features: bool) -> TeacherOutputs:
+    """A student step's Query: logits, features where L_S uses them and the owner shares them."""
+    return teacher.query(
+        images, features=features and "features" in teacher.info().allowed_outputs, bn_loss=False
+    )
+
+
+def _split(
+    answers: Sequence[TeacherOutputs], features: bool
+) -> tuple[list[Tensor], list[Tensor | None] | None]:
     return [a.logits for a in answers], [a.features for a in answers] if features else None
 
 
@@ -276,6 +289,34 @@ def _student_update(
     return (loss.total.item(), loss.header.item(), loss.feature.item(), loss.ensemble.item())
 
 
+@dataclass(frozen=True)
+class _GeneratorBatch:
+    """The generator step's batch: images with their graph to G, and detached copies."""
+
+    images: Tensor
+    leaf: Tensor  # requires grad: the student path's dL_G/dx
+    frozen: Tensor  # what the teachers are asked about
+
+
+def _generator_batch(state: TrainState, config: TrainConfig) -> _GeneratorBatch:
+    latent = _sample_latent(state, config)
+    state.generator_optimizer.zero_grad(set_to_none=True)
+    images = state.generator(latent)
+    _require_finite(images, "generator images", state.iteration)
+    leaf = images.detach().requires_grad_(True)
+    return _GeneratorBatch(images, leaf, leaf.detach())
+
+
+def _generator_query(teacher: Teacher, images: Tensor, bn_weight: float) -> TeacherOutputs:
+    """The generator step's Query: logits, and R(x) where weighted and shared."""
+    return teacher.query(
+        images,
+        features=False,
+        bn_loss=bn_weight != 0.0 and "bn_loss" in teacher.info().allowed_outputs,
+        keep_for_grad=True,  # its input_grad names the batch, not resends it
+    )
+
+
 def generator_step(
     state: TrainState,
     teachers: Sequence[Teacher],
@@ -293,24 +334,27 @@ def generator_step(
     """
     if config.generator_objective == "ideal":
         return ideal_generator_step(state, config)
-    latent = _sample_latent(state, config)
-    state.generator_optimizer.zero_grad(set_to_none=True)
-    images = state.generator(latent)
-    _require_finite(images, "generator images", state.iteration)
-    leaf = images.detach().requires_grad_(True)
-    frozen = leaf.detach()
-    outputs = state.student(leaf)
+    batch = _generator_batch(state, config)
     bn_weight = weights.bn / len(teachers)
     answers: list[TeacherOutputs] = _fan_out(
-        executor,
-        lambda t: t.query(
-            frozen,
-            features=False,
-            bn_loss=bn_weight != 0.0 and "bn_loss" in t.info().allowed_outputs,
-            keep_for_grad=True,  # its input_grad below names the batch, not resends it
-        ),
-        teachers,
+        executor, lambda t: _generator_query(t, batch.frozen, bn_weight), teachers
     )
+    return _generator_update(state, teachers, batch, answers, config, weights, executor)
+
+
+def _generator_update(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    batch: _GeneratorBatch,
+    answers: Sequence[TeacherOutputs],
+    config: TrainConfig,
+    weights: LossWeights,
+    executor: Executor | None,
+) -> tuple[float, float, float]:
+    """The update of :func:`generator_step` given the teachers' answers to its batch."""
+    images, leaf, frozen = batch.images, batch.leaf, batch.frozen
+    outputs = state.student(leaf)
+    bn_weight = weights.bn / len(teachers)
     teacher_logits = [a.logits.detach().clone().requires_grad_(True) for a in answers]
     adversarial = generator_adversarial_loss(
         config.method, weights, outputs, teacher_logits, ensemble_weights(config, teacher_logits)
@@ -362,6 +406,39 @@ def ideal_generator_step(state: TrainState, config: TrainConfig) -> tuple[float,
     return (total, total, 0.0)
 
 
+def _student_batch(state: TrainState, config: TrainConfig, real_images: Tensor | None) -> Tensor:
+    """A student step's batch: fresh from the generator, or drawn real images for kd_real."""
+    if config.method is Method.KD_REAL:
+        if real_images is None:
+            raise ValueError("kd_real needs real_images")
+        chosen = torch.randint(
+            0,
+            real_images.shape[0],
+            (config.batch_size,),
+            generator=state.rng,
+            device=state.rng.device,
+        )
+        return real_images[chosen.to(real_images.device)]
+    with torch.no_grad():
+        images = state.generator(_sample_latent(state, config))
+    _require_finite(images, "generator images", state.iteration)
+    return images
+
+
+def _replay_batches(state: TrainState, memory: ReplayMemory, config: TrainConfig) -> list[Batch]:
+    """The K student steps' batches drawn from the memory (after this iteration's fresh ones)."""
+    replay = config.replay
+    assert replay is not None
+    steps = config.student_steps_per_generator_step
+    if replay.sampling == "newest":
+        fresh = memory.newest(steps * config.batch_size)
+        return [
+            memory.part(fresh, start, config.batch_size)
+            for start in range(0, steps * config.batch_size, config.batch_size)
+        ]
+    return [memory.sample(config.batch_size, state.rng) for _ in range(steps)]
+
+
 def _replay_steps(
     state: TrainState,
     memory: ReplayMemory,
@@ -374,25 +451,105 @@ def _replay_steps(
     replay = config.replay
     assert replay is not None
     for _ in range(replay.new_batches):
-        with torch.no_grad():
-            images = state.generator(_sample_latent(state, config))
-        _require_finite(images, "generator images", state.iteration)
+        images = _student_batch(state, config, None)
         logits, features = _student_answers(teachers, images, config, weights, executor)
         memory.add(images, logits, features or [None] * len(teachers))
     uses_features = uses_teacher_features(config.method, weights)
-    steps = config.student_steps_per_generator_step
-    if replay.sampling == "newest":
-        fresh = memory.newest(steps * config.batch_size)
-        batches = [
-            memory.part(fresh, start, config.batch_size)
-            for start in range(0, steps * config.batch_size, config.batch_size)
-        ]
-    else:
-        batches = [memory.sample(config.batch_size, state.rng) for _ in range(steps)]
     return [
         _student_update(state, images, logits, features if uses_features else None, config, weights)
-        for images, logits, features in batches
+        for images, logits, features in _replay_batches(state, memory, config)
     ]
+
+
+_StudentTerms = tuple[float, float, float, float]
+_GeneratorTerms = tuple[float, float, float]
+
+
+def _pipelined_iteration(
+    state: TrainState,
+    teachers: Sequence[Teacher],
+    config: TrainConfig,
+    weights: LossWeights,
+    real_images: Tensor | None,
+    executor: Executor | None,
+    lanes: TeacherLanes,
+) -> tuple[list[_StudentTerms], _GeneratorTerms]:
+    """One iteration with the Query calls asked ``config.prefetch`` batches ahead.
+
+    The batches are made in the serial loop's order (the generator's forwards, its BatchNorm
+    statistics and the RNG advance as there) and the updates are the same, so the result is
+    the serial loop's bit for bit (``student_node/prefetch.py``). Without a memory, the K
+    student batches and then the generator step's batch are asked ahead of the student
+    steps; with one, the fresh batches are asked ahead of each other, and the generator
+    step's batch while the K student steps run on the memory.
+    """
+    depth = config.prefetch
+    features = uses_teacher_features(config.method, weights)
+    bn_weight = weights.bn / len(teachers)
+    steps = config.student_steps_per_generator_step
+    has_generator = config.method is not Method.KD_REAL
+    # IDEAL's generator step asks no teacher: nothing of it to ask ahead.
+    asks_generator = has_generator and config.generator_objective != "ideal"
+    terms: list[_StudentTerms] = []
+    generator_terms: _GeneratorTerms = (0.0, 0.0, 0.0)
+
+    def student_item(index: int) -> tuple[Tensor | _GeneratorBatch, Ask]:
+        images = _student_batch(state, config, real_images)
+        return images, lambda t: _student_query(t, images, features)
+
+    def generator_item(index: int) -> tuple[Tensor | _GeneratorBatch, Ask]:
+        batch = _generator_batch(state, config)
+        return batch, lambda t: _generator_query(t, batch.frozen, bn_weight)
+
+    def update_generator(ahead: Lookahead[Tensor | _GeneratorBatch]) -> _GeneratorTerms:
+        batch, answers = ahead.take()
+        assert isinstance(batch, _GeneratorBatch)
+        return _generator_update(state, teachers, batch, answers, config, weights, executor)
+
+    memory = state.replay
+    if memory is None:
+
+        def produce(index: int) -> tuple[Tensor | _GeneratorBatch, Ask]:
+            return student_item(index) if index < steps else generator_item(index)
+
+        count = steps + (1 if asks_generator else 0)
+        with Lookahead(lanes, teachers, produce, count, depth) as ahead:
+            for _ in range(steps):
+                images, answers = ahead.take()
+                assert isinstance(images, Tensor)
+                logits, cached = _split(answers, features)
+                terms.append(_student_update(state, images, logits, cached, config, weights))
+            if asks_generator:
+                generator_terms = update_generator(ahead)
+        if has_generator and not asks_generator:
+            generator_terms = ideal_generator_step(state, config)
+        return terms, generator_terms
+
+    assert config.replay is not None
+    with Lookahead(lanes, teachers, student_item, config.replay.new_batches, depth) as ahead:
+        for _ in range(config.replay.new_batches):
+            images, answers = ahead.take()
+            assert isinstance(images, Tensor)
+            logits, cached = _split(answers, features)
+            memory.add(images, logits, cached or [None] * len(teachers))
+    batches = _replay_batches(state, memory, config)
+
+    def learn_from_memory() -> None:
+        for images, logits, cached in batches:
+            terms.append(
+                _student_update(
+                    state, images, logits, cached if features else None, config, weights
+                )
+            )
+
+    if not asks_generator:
+        learn_from_memory()
+        return terms, ideal_generator_step(state, config)
+    with Lookahead(lanes, teachers, generator_item, 1, depth) as ahead:
+        ahead.prime()  # answered while the student steps below run
+        learn_from_memory()
+        generator_terms = update_generator(ahead)
+    return terms, generator_terms
 
 
 def run_iteration(
@@ -401,38 +558,38 @@ def run_iteration(
     config: TrainConfig,
     real_images: Tensor | None = None,
     executor: Executor | None = None,
+    lanes: TeacherLanes | None = None,
 ) -> IterationMetrics:
-    """K student steps then one generator step (kd_real: K steps on real batches, no generator)."""
+    """K student steps then one generator step (kd_real: K steps on real batches, no generator).
+
+    With ``config.prefetch`` > 0 the teachers' answers are asked ahead on ``lanes`` (one
+    thread per teacher; made for this iteration when not given), with the same result.
+    """
     started = time.perf_counter()
     weights = config.loss_weights()
     state.student.train()
     state.generator.train()
-    sums = [0.0, 0.0, 0.0, 0.0]
     steps = config.student_steps_per_generator_step
-    if state.replay is not None:
-        for terms in _replay_steps(state, state.replay, teachers, config, weights, executor):
-            sums = [a + b for a, b in zip(sums, terms, strict=True)]
-    for _ in range(steps if state.replay is None else 0):
-        if config.method is Method.KD_REAL:
-            if real_images is None:
-                raise ValueError("kd_real needs real_images")
-            chosen = torch.randint(
-                0,
-                real_images.shape[0],
-                (config.batch_size,),
-                generator=state.rng,
-                device=state.rng.device,
+    all_terms: list[_StudentTerms] = []
+    generator_terms: _GeneratorTerms = (0.0, 0.0, 0.0)
+    if config.prefetch > 0:
+        with ExitStack() as stack:
+            if lanes is None:
+                lanes = stack.enter_context(TeacherLanes(len(teachers)))
+            all_terms, generator_terms = _pipelined_iteration(
+                state, teachers, config, weights, real_images, executor, lanes
             )
-            images = real_images[chosen.to(real_images.device)]
-        else:
-            with torch.no_grad():
-                images = state.generator(_sample_latent(state, config))
-            _require_finite(images, "generator images", state.iteration)
-        terms = student_step(state, teachers, images, config, weights, executor)
+    else:
+        if state.replay is not None:
+            all_terms = _replay_steps(state, state.replay, teachers, config, weights, executor)
+        for _ in range(steps if state.replay is None else 0):
+            images = _student_batch(state, config, real_images)
+            all_terms.append(student_step(state, teachers, images, config, weights, executor))
+        if config.method is not Method.KD_REAL:
+            generator_terms = generator_step(state, teachers, config, weights, executor)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for terms in all_terms:
         sums = [a + b for a, b in zip(sums, terms, strict=True)]
-    generator_terms = (0.0, 0.0, 0.0)
-    if config.method is not Method.KD_REAL:
-        generator_terms = generator_step(state, teachers, config, weights, executor)
     state.iteration += 1
     if state.iteration % config.iterations_per_epoch == 0:
         state.student_scheduler.step()
@@ -473,17 +630,23 @@ def train(
         real_images: Normalized real training images, for kd_real only.
         callbacks: Called after every iteration (logging, evaluation, checkpoints).
         should_stop: Polled after every iteration; True ends training early (time budgets).
-        executor: Runs the per-teacher calls concurrently when given.
+        executor: Runs the per-teacher calls concurrently when given (with ``config.prefetch``
+            the Query calls run on the loop's own thread per teacher; the executor then serves
+            the generator step's InputGrad calls).
 
     Raises:
         NonFiniteLossError: a loss, image batch or gradient became NaN/Inf (step not applied).
+        RemoteTeacherError: a teacher refused or failed; with ``config.prefetch`` it is raised
+            where the serial loop raises it, after the queries under way have ended.
     """
     if len(teachers) == 0:
         raise IncompatibleTeachers("a run needs at least one teacher")
-    while state.iteration < config.total_iterations:
-        metrics = run_iteration(state, teachers, config, real_images, executor)
-        for callback in callbacks:
-            callback(state, metrics)
-        if should_stop is not None and should_stop():
-            break
+    with ExitStack() as stack:
+        lanes = stack.enter_context(TeacherLanes(len(teachers))) if config.prefetch > 0 else None
+        while state.iteration < config.total_iterations:
+            metrics = run_iteration(state, teachers, config, real_images, executor, lanes)
+            for callback in callbacks:
+                callback(state, metrics)
+            if should_stop is not None and should_stop():
+                break
     return state

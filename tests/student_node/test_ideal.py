@@ -200,6 +200,7 @@ def test_defaults_keep_earlier_fingerprints_and_the_options_change_them() -> Non
             "ideal",
             "ensemble_weighting",
             "confidence_temperature",
+            "prefetch",
         }
     )
     assert config_fingerprint(config) == hashlib.sha256(earlier.encode()).hexdigest()
