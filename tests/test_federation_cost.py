@@ -1,0 +1,75 @@
+"""bench/federation_cost.py without training: its modes, schedules, aggregation and report."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.federation_cost import MODES, aggregate, markdown, train_config
+
+
+def _run(seed: int, accuracy: float) -> dict:
+    return {
+        "seed": seed,
+        "accuracy": accuracy,
+        "teacher_images": 1000 * (seed + 1),
+        "wire_bytes": 10**6 * (seed + 1),
+        "iterations": 10 + seed,
+        "seconds": 60.0,
+    }
+
+
+def test_the_issue_modes_are_the_paper_loop_and_the_cheaper_ones() -> None:
+    assert {"paper", "replay", "replay_pipelined"} <= MODES.keys()
+    paper = train_config("paper", 90, seed=0)
+    assert paper.replay is None
+    assert paper.prefetch == 0
+    assert train_config("replay", 90, seed=0).replay is not None
+    piped = train_config("replay_pipelined", 90, seed=0)
+    assert piped.replay is not None
+    assert piped.prefetch > 0
+    assert MODES["replay_pipelined_float16"]["wire_dtype"] == "float16"
+
+
+@pytest.mark.parametrize("iterations", [3, 29, 30, 900, 1234])
+def test_a_planned_schedule_decays_once_at_two_thirds(iterations: int) -> None:
+    config = train_config("paper", iterations, seed=2)
+    assert config.seed == 2
+    assert abs(config.total_iterations - iterations) < config.iterations_per_epoch
+    (milestone,) = config.optimizer.milestones
+    assert milestone < config.epochs
+    assert milestone == max(1, config.epochs * 2 // 3)
+
+
+def test_aggregate_gives_the_issue_keys_as_means_over_seeds() -> None:
+    cell = aggregate([_run(0, 0.80), _run(1, 0.84), _run(2, 0.82)])
+    for key in ("accuracy", "accuracy_std", "teacher_images", "wire_bytes", "iterations"):
+        assert key in cell
+    assert cell["accuracy"] == pytest.approx(0.82)
+    assert cell["accuracy_std"] == pytest.approx(0.016329931, rel=1e-6)
+    assert cell["teacher_images"] == pytest.approx(2000)
+    assert cell["seconds"] == pytest.approx(60.0)
+    assert aggregate([_run(0, 0.5)])["accuracy_std"] == 0.0
+
+
+def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
+    cell = aggregate([_run(0, 0.8)])
+    wan_row = {
+        "loopback_it_per_s": 1.0,
+        "emulated_it_per_s": 0.5,
+        "ratio": 0.5,
+        "emulated_bytes_per_iteration": 2e6,
+    }
+    report = {
+        "modes": {"paper": {"budgets": {"5 min": cell, "15 min": cell}}},
+        "wan": {**wan_row, "per_mode": {"paper": wan_row}},
+        "wan_iterations": 2,
+        "wan_rounds": 1,
+        "seeds": 1,
+        "total_seconds": 120.0,
+    }
+    text = markdown(argparse.Namespace(quick=True), report)
+    assert "| paper | 5 min | 80.00 (0.00) |" in text
+    assert "| paper | 15 min |" in text
+    assert "| paper | 1.00 | 0.50 | 0.50 | 2.0 MB |" in text
