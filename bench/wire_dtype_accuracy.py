@@ -134,6 +134,7 @@ def main() -> None:
         args.seeds, args.iterations = 1, 20
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    args.out = args.out.resolve()  # the runs and nodes work in other folders
     args.out.mkdir(parents=True, exist_ok=True)
     pki = create_dev_pki(args.out / "pki", force=True)
     nodes = start_nodes(teachers(args.out / "teachers"), pki, args.out)
