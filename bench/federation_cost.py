@@ -283,6 +283,7 @@ def main() -> None:
         args.seeds, args.minutes, args.teacher_epochs = 1, [0.25, 0.5], 1
         args.calibration_iterations, args.wan_iterations, args.wan_rounds = 2, 2, 1
     started = time.monotonic()
+    args.out = args.out.resolve()  # the node processes resolve paths against their folders
     args.out.mkdir(parents=True, exist_ok=True)
     paths = prepare_data(args.out / "data", VALIDATION_SAMPLES, None)
     packages = ensure_teachers(
