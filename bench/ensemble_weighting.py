@@ -31,7 +31,6 @@ from bench.privacy import train_config  # noqa: E402
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
 from cdfkd.coordinator.config import DataConfig, PackageTeacher, RunConfig, RunSettings  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
-from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
@@ -42,9 +41,8 @@ WEIGHTINGS = ("equal", "confidence")
 def run(
     packages: list[Path], weighting: str, seed: int, iterations: int, tau: float, out: Path
 ) -> dict[str, Any]:
-    base = train_config(iterations).model_dump()
-    train = TrainConfig.model_validate(
-        {**base, "seed": seed, "ensemble_weighting": weighting, "confidence_temperature": tau}
+    train = train_config(
+        iterations, seed=seed, ensemble_weighting=weighting, confidence_temperature=tau
     )
     config = RunConfig(
         data=DataConfig(dataset=DatasetName.FASHION_MNIST),
