@@ -3,6 +3,8 @@
     python bench/privacy.py --out DIR [--quick] [--budget-iterations N] [--rows NAME ...]
     python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
+        [--dp-architecture A] [--dp-learning-rate LR] [--dp-max-grad-norm C] [--workers W]
+        [--reference-from JSON]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
@@ -26,6 +28,13 @@ the non-private reference: the usual LeNet-5-BN teachers. Reports each teacher's
 accuracy, the ensemble's, and the student's (mean of headers). Writes DIR/epsilon_table.json
 and appends a table to bench/RESULTS.md. Teachers are served in-process: the guarantee does
 not depend on the transport, and the mTLS path is the first table's (and the tests').
+The DP recipe (architecture, epochs, expected batch, Adam's learning rate, clipping bound)
+defaults to the one ``bench/dp_tuning.py`` chose on a validation split of owner 1's data;
+missing teachers train first, ``--workers`` at a time (one thread each), cached under a hash
+of their job.
+``--reference-from`` takes the ``inf`` row from an earlier ``epsilon_table.json`` whose
+non-private teachers and distillation settings are the same (the row is deterministic given
+them), instead of distilling it again; the table says where it came from.
 """
 
 from __future__ import annotations
@@ -35,8 +44,10 @@ import datetime
 import json
 import logging
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -46,7 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
+from bench.quality import ensure_teachers, homogeneous_jobs, keyed_directories  # noqa: E402
 from cdfkd.coordinator.config import (  # noqa: E402
     DataConfig,
     PackageTeacher,
@@ -61,7 +72,8 @@ from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.package import read_metadata  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.privacy import PrivacySettings  # noqa: E402
-from cdfkd.teacher_node.training import TeacherJob  # noqa: E402
+from cdfkd.teacher_node.training import TeacherJob, train_teacher_package  # noqa: E402
+from cdfkd.teacher_node.zoo import Architecture  # noqa: E402
 
 logger = logging.getLogger("bench.privacy")
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -187,20 +199,57 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
     }
 
 
-def dp_jobs(epsilon: float, delta: float, epochs: int, batch_size: int) -> list[TeacherJob]:
+#: The DP-SGD recipe ``bench/dp_tuning.py`` chose (validation split of owner 1, epsilon 8).
+DP_ARCHITECTURE = Architecture.LENET5_GN
+DP_EPOCHS, DP_BATCH_SIZE, DP_LEARNING_RATE, DP_MAX_GRAD_NORM = 8, 256, 2e-3, 1.0
+
+
+def dp_jobs(
+    epsilon: float,
+    delta: float,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float = DP_LEARNING_RATE,
+    max_grad_norm: float = DP_MAX_GRAD_NORM,
+    architecture: Architecture = DP_ARCHITECTURE,
+) -> list[TeacherJob]:
     """Three DP owners on disjoint thirds of Fashion-MNIST at (epsilon, delta)."""
     return [
         TeacherJob(
             name=f"dp-eps{epsilon:g}-{i + 1}",
+            architecture=architecture,
             shard=i,
             num_shards=3,
             epochs=epochs,
             batch_size=batch_size,
+            learning_rate=learning_rate,
             seed=i,
-            privacy=PrivacySettings(epsilon=epsilon, delta=delta),
+            privacy=PrivacySettings(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm),
         )
         for i in range(3)
     ]
+
+
+def _train_one(job: TeacherJob, directory: Path) -> None:
+    """Worker process: train one teacher package with one thread."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    train_teacher_package(job, directory)
+
+
+def train_missing(root: Path, jobs: list[TeacherJob], workers: int) -> None:
+    """Train the keyed packages of ``jobs`` that are not cached yet, ``workers`` at a time."""
+    missing = [
+        (job, directory)
+        for job, directory in zip(jobs, keyed_directories(root, jobs), strict=True)
+        if not (directory / "teacher.json").exists()
+    ]
+    if not missing:
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for future in [pool.submit(_train_one, job, d) for job, d in missing]:
+            future.result()
 
 
 def epsilon_row(epsilon: float, packages: list[Path], out: Path, iterations: int) -> dict:
@@ -239,21 +288,44 @@ def epsilon_table(args: argparse.Namespace) -> None:
     """Utility against epsilon (``--epsilon-table``)."""
     started = time.monotonic()
     iterations = args.distill_iterations or (30 if args.quick else 900)
-    dp_epochs = args.dp_epochs if args.dp_epochs is not None else (1 if args.quick else 8)
+    dp_epochs = args.dp_epochs or (1 if args.quick else DP_EPOCHS)
     teacher_epochs = 1 if args.quick else args.teacher_epochs
     args.out.mkdir(parents=True, exist_ok=True)
+    dp = {
+        e: dp_jobs(
+            e,
+            args.delta,
+            dp_epochs,
+            args.dp_batch_size,
+            args.dp_learning_rate,
+            args.dp_max_grad_norm,
+            Architecture(args.dp_architecture),
+        )
+        for e in args.epsilons
+        if not math.isinf(e)
+    }
+    all_jobs = [job for jobs in dp.values() for job in jobs]
+    train_missing(args.out / "dp-teachers", all_jobs, args.workers)
+    reference = None
+    if args.reference_from is not None:
+        reference = reused_reference(args.reference_from, iterations, teacher_epochs)
     rows = []
     for epsilon in args.epsilons:
+        if math.isinf(epsilon) and reference is not None:
+            rows.append(reference)
+            continue
         if math.isinf(epsilon):
             packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(teacher_epochs))
         else:
-            jobs = dp_jobs(epsilon, args.delta, dp_epochs, args.dp_batch_size)
-            packages = ensure_teachers(args.out / "dp-teachers", jobs)
+            packages = ensure_teachers(args.out / "dp-teachers", dp[epsilon], keyed=True)
         rows.append(epsilon_row(epsilon, packages, args.out / f"eps-{epsilon:g}", iterations))
     report = {
         "delta": args.delta,
         "dp_epochs": dp_epochs,
         "dp_batch_size": args.dp_batch_size,
+        "dp_architecture": args.dp_architecture,
+        "dp_learning_rate": args.dp_learning_rate,
+        "dp_max_grad_norm": args.dp_max_grad_norm,
         "teacher_epochs_non_private": teacher_epochs,
         "distill_iterations": iterations,
         "quick": args.quick,
@@ -266,6 +338,20 @@ def epsilon_table(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def reused_reference(path: Path, iterations: int, teacher_epochs: int) -> dict:
+    """The ``inf`` row of an earlier table with the same non-private teachers and budget."""
+    earlier = json.loads(path.read_text())
+    if (earlier["distill_iterations"], earlier["teacher_epochs_non_private"]) != (
+        iterations,
+        teacher_epochs,
+    ):
+        raise SystemExit(f"--reference-from {path}: other distillation iterations or epochs")
+    row = next((r for r in earlier["rows"] if r["epsilon"] is None), None)
+    if row is None:
+        raise SystemExit(f"--reference-from {path}: it has no inf row")
+    return {**row, "reused_from": str(path)}
+
+
 def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
     """The RESULTS.md table of an ``--epsilon-table`` run."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -275,13 +361,21 @@ def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
     lines = [
         f"\n### Utility against epsilon, {stamp}: {kind}\n",
         f"Command: `{command}`; {report['total_seconds'] / 60:.0f} min in all. Three owners on "
-        f"disjoint thirds of Fashion-MNIST; DP teachers: LeNet-5-GN, DP-SGD for "
-        f"{report['dp_epochs']} epochs at batch {report['dp_batch_size']}, delta "
+        f"disjoint thirds of Fashion-MNIST; DP teachers: {report['dp_architecture']}, DP-SGD for "
+        f"{report['dp_epochs']} epochs at expected batch {report['dp_batch_size']}, Adam at "
+        f"{report['dp_learning_rate']:g}, clipping bound {report['dp_max_grad_norm']:g}, delta "
         f"{report['delta']:g}, epsilon covering training and the released prior statistics "
         f"(PRV accountant); epsilon inf: the non-private LeNet-5-BN teachers "
         f"({report['teacher_epochs_non_private']} epochs). CDFKD-MFS, "
         f"{report['distill_iterations']} distillation iterations each, in-process teachers; "
-        "accuracy on the 10,000 test images.\n",
+        "accuracy on the 10,000 test images."
+        + (
+            f" The inf row is reused from `{reference['reused_from']}` (same teachers and "
+            "distillation settings), not distilled again."
+            if reference is not None and "reused_from" in reference
+            else ""
+        )
+        + "\n",
         "| epsilon (accountant's, per teacher) | noise multiplier | teachers % | ensemble % | "
         "student, mean of headers % | vs. non-private student | iterations |",
         "|---|---|---|---|---|---|---|",
@@ -329,8 +423,26 @@ def main() -> None:
         help="distillation iterations per epsilon (default 900, about 15 min of CDFKD-MFS on 2 "
         "idle cores; 30 with --quick)",
     )
-    parser.add_argument("--dp-epochs", type=int, help="DP-SGD epochs (default 8; 1 with --quick)")
-    parser.add_argument("--dp-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--dp-epochs",
+        type=int,
+        help=f"DP-SGD epochs (default {DP_EPOCHS}; 1 with --quick)",
+    )
+    parser.add_argument("--dp-batch-size", type=int, default=DP_BATCH_SIZE)
+    parser.add_argument("--dp-learning-rate", type=float, default=DP_LEARNING_RATE)
+    parser.add_argument(
+        "--dp-architecture",
+        choices=[Architecture.LENET5_GN.value, Architecture.LENET5_GN_TANH.value],
+        default=DP_ARCHITECTURE.value,
+    )
+    parser.add_argument("--dp-max-grad-norm", type=float, default=DP_MAX_GRAD_NORM)
+    parser.add_argument("--workers", type=int, default=2, help="DP teachers trained at once")
+    parser.add_argument(
+        "--reference-from",
+        type=Path,
+        metavar="JSON",
+        help="take the inf row from this earlier epsilon_table.json instead of distilling it",
+    )
     parser.add_argument(
         "--rows", nargs="+", choices=[name for name, _ in ROWS], help="run only these rows"
     )

@@ -137,16 +137,18 @@ def federation_jobs(name: str, epochs: int, data: Path) -> list[TeacherJob]:
     raise ValueError(f"unknown federation {name!r}")
 
 
+def keyed_directories(root: Path, jobs: list[TeacherJob]) -> list[Path]:
+    """Where :func:`ensure_teachers` keeps ``jobs`` with ``keyed``: named by the job's hash."""
+    return [root / f"{job.name}-{digest(job.model_dump(mode='json'))}" for job in jobs]
+
+
 def ensure_teachers(root: Path, jobs: list[TeacherJob], keyed: bool = False) -> list[Path]:
     """Train the jobs' teachers unless cached; ``keyed``: folders named by the job's hash."""
-    packages = []
-    for job in jobs:
-        name = f"{job.name}-{digest(job.model_dump(mode='json'))}" if keyed else job.name
-        directory = root / name
+    directories = keyed_directories(root, jobs) if keyed else [root / job.name for job in jobs]
+    for job, directory in zip(jobs, directories, strict=True):
         if not (directory / "teacher.json").exists():
             train_teacher_package(job, directory)
-        packages.append(directory)
-    return packages
+    return directories
 
 
 # Data ----------------------------------------------------------------------------------------

@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_teacher.add_argument(
         "--architecture",
-        choices=["lenet5_bn", "lenet5_gn", "resnet"],
-        help="default: lenet5_bn; lenet5_gn (GroupNorm) with --dp-epsilon",
+        choices=["lenet5_bn", "lenet5_gn", "lenet5_gn_tanh", "resnet"],
+        help="default: lenet5_bn; lenet5_gn (GroupNorm) with --dp-epsilon, or lenet5_gn_tanh "
+        "(GroupNorm, tanh)",
     )
     train_teacher.add_argument("--depth", type=int, default=1, help="ResNet blocks per stage")
     train_teacher.add_argument("--width", type=int, default=16, help="ResNet first-stage channels")

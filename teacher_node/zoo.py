@@ -33,6 +33,9 @@ class Architecture(enum.StrEnum):
     #: LeNet-5 with GroupNorm: the differentially private variant (``--dp-epsilon``). BatchNorm
     #: mixes the samples of a batch, so per-sample gradients, and DP-SGD, do not exist for it.
     LENET5_GN = "lenet5_gn"
+    #: LeNet-5-GN with tanh for ReLU: bounded activations keep DP-SGD's clipped per-sample
+    #: gradients informative (tempered sigmoids, Papernot et al., AAAI 2021).
+    LENET5_GN_TANH = "lenet5_gn_tanh"
     RESNET = "resnet"
 
 
@@ -84,6 +87,7 @@ class LeNet5BN(nn.Module):
         num_classes: Logits' width.
         norm2d: Normalization after each convolution (BatchNorm2d; GroupNorm for DP).
         norm1d: Normalization after each hidden linear layer (BatchNorm1d; GroupNorm for DP).
+        activation: The nonlinearity after each normalization (ReLU; tanh is an option for DP).
     """
 
     feature_dim = 84
@@ -94,17 +98,18 @@ class LeNet5BN(nn.Module):
         num_classes: int,
         norm2d: Callable[[int], nn.Module] = nn.BatchNorm2d,
         norm1d: Callable[[int], nn.Module] = nn.BatchNorm1d,
+        activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
         channels, height, width = input_shape
         self.features_extractor = nn.Sequential(
             nn.Conv2d(channels, 6, kernel_size=5),
             norm2d(6),
-            nn.ReLU(),
+            activation(),
             nn.MaxPool2d(2),
             nn.Conv2d(6, 16, kernel_size=5),
             norm2d(16),
-            nn.ReLU(),
+            activation(),
             nn.MaxPool2d(2),
         )
         flat_height = ((height - 4) // 2 - 4) // 2
@@ -116,10 +121,10 @@ class LeNet5BN(nn.Module):
             nn.Flatten(),
             nn.Linear(flat, 120),
             norm1d(120),
-            nn.ReLU(),
+            activation(),
             nn.Linear(120, self.feature_dim),
             norm1d(self.feature_dim),
-            nn.ReLU(),
+            activation(),
         )
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
@@ -193,6 +198,8 @@ def build_classifier(spec: ArchitectureSpec) -> nn.Module:
             return LeNet5BN(spec.input_shape, spec.num_classes)
         case Architecture.LENET5_GN:
             return LeNet5BN(spec.input_shape, spec.num_classes, group_norm, group_norm)
+        case Architecture.LENET5_GN_TANH:
+            return LeNet5BN(spec.input_shape, spec.num_classes, group_norm, group_norm, nn.Tanh)
         case Architecture.RESNET:
             return CifarResNet(spec.input_shape, spec.num_classes, spec.depth, spec.width)
 

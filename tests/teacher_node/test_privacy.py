@@ -19,6 +19,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from cdfkd.teacher_node.datasets import Normalization
+from cdfkd.teacher_node.dp_training import check_private_model
 from cdfkd.teacher_node.engine import FIRST_BN_SCALE, TeacherEngine
 from cdfkd.teacher_node.errors import TeacherConfigError
 from cdfkd.teacher_node.privacy import (
@@ -87,6 +88,33 @@ def _gn_model() -> torch.nn.Module:
         architecture=Architecture.LENET5_GN, input_shape=(1, 16, 16), num_classes=10
     )
     return build_classifier(spec).eval()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "activation", "absent"),
+    [
+        (Architecture.LENET5_GN, torch.nn.ReLU, torch.nn.Tanh),
+        (Architecture.LENET5_GN_TANH, torch.nn.Tanh, torch.nn.ReLU),
+    ],
+)
+def test_private_architectures_pass_opacus_with_their_activation(
+    architecture: Architecture, activation: type, absent: type
+) -> None:
+    spec = ArchitectureSpec(architecture=architecture, input_shape=(1, 16, 16), num_classes=10)
+    model = build_classifier(spec)
+    check_private_model(model)  # Opacus accepts it and it has GroupNorm layers for the prior
+    model.eval()
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(activation) == 4
+    assert absent not in kinds
+    assert torch.nn.BatchNorm2d not in kinds
+    assert torch.nn.BatchNorm1d not in kinds
+    features = model(torch.randn(4, 1, 16, 16) * 10).features
+    if activation is torch.nn.Tanh:
+        assert float(features.abs().max()) < 1.0
+        assert float(features.min()) < 0.0
+    else:
+        assert float(features.min()) >= 0.0
 
 
 def test_clipping_bounds_each_records_contribution() -> None:
