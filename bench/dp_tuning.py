@@ -2,7 +2,7 @@
 
 Usage:
     python bench/dp_tuning.py --out DIR [--epsilon 8] [--delta 1e-5] [--workers 2]
-        [--configs NAME ...] [--quick]
+        [--configs NAME ...] [--non-private] [--quick]
 
 Owner 1 of the utility-against-epsilon table (``bench/privacy.py --epsilon-table``: shard 0 of
 three IID thirds of Fashion-MNIST's training split) keeps a random tenth of its records as a
@@ -11,6 +11,9 @@ trains a LeNet-5-GN with DP-SGD on the other nine tenths at (epsilon, delta), st
 included, exactly as ``cdfkd teacher train --dp-epsilon`` does, and is scored on the validation
 split. The test split is never read. Recipes run in parallel worker processes, one thread
 each; finished recipes are kept in DIR/dp_tuning.json, so a rerun does only the missing ones.
+
+``--non-private`` runs the same search for the non-private reference (LeNet-5-BN, no DP), so
+that both sides of the utility-against-epsilon comparison get tuned on the same split.
 
 Writes DIR/dp_tuning.json and appends a table to bench/RESULTS.md.
 
@@ -38,8 +41,10 @@ from cdfkd.teacher_node.privacy import PrivacySettings
 from cdfkd.teacher_node.training import (
     PRIVATE_NORMALIZATION,
     TeacherJob,
+    TeacherTrainConfig,
     classifier_accuracy,
     owner_shard,
+    train_classifier,
 )
 from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier
 
@@ -55,6 +60,7 @@ class Recipe(BaseModel):
 
     name: str
     architecture: Architecture = Architecture.LENET5_GN
+    private: bool = True
     epochs: int
     batch_size: int
     learning_rate: float
@@ -92,6 +98,30 @@ GRID = (
 )
 
 
+#: The same search for the non-private reference (``--non-private``): LeNet-5-BN trained as
+#: ``cdfkd teacher train`` does without DP (Adam, weight decay 1e-4, cosine decay), the
+#: epsilon table's recipe first, so that both sides of the comparison get tuned.
+GRID_NON_PRIVATE = tuple(
+    Recipe(
+        name=f"np-b{batch}-e{epochs}-lr{lr:g}",
+        architecture=Architecture.LENET5_BN,
+        private=False,
+        epochs=epochs,
+        batch_size=batch,
+        learning_rate=lr,
+        max_grad_norm=1.0,
+    )
+    for epochs, batch, lr in (
+        (6, 128, 2e-3),
+        (12, 128, 2e-3),
+        (24, 128, 2e-3),
+        (12, 256, 4e-3),
+        (24, 256, 2e-3),
+        (12, 64, 1e-3),
+    )
+)
+
+
 def split_owner(validation_fraction: float) -> tuple[ImageDataset, ImageDataset]:
     """Owner 1's records, cut into (train, validation) with a fixed permutation."""
     train_full, _test = load_train_and_test(DatasetName.FASHION_MNIST)
@@ -106,6 +136,8 @@ def run_recipe(recipe: Recipe, epsilon: float, delta: float, validation_fraction
     """Train one recipe on owner 1's training part; its validation accuracy (one thread)."""
     torch.set_num_threads(1)
     train, validation = split_owner(validation_fraction)
+    if not recipe.private:
+        return run_non_private(recipe, train, validation)
     channels = train.input_shape[0]
     normalization = Normalization(
         mean=(PRIVATE_NORMALIZATION[0],) * channels, std=(PRIVATE_NORMALIZATION[1],) * channels
@@ -143,18 +175,58 @@ def run_recipe(recipe: Recipe, epsilon: float, delta: float, validation_fraction
     }
 
 
+def run_non_private(recipe: Recipe, train: ImageDataset, validation: ImageDataset) -> dict:
+    """A non-private recipe: ``train_classifier`` on the training part, scored on validation."""
+    normalization = Normalization.of(train)
+    spec = ArchitectureSpec(
+        architecture=recipe.architecture,
+        input_shape=train.input_shape,
+        num_classes=train.num_classes,
+    )
+    torch.manual_seed(0)
+    model = build_classifier(spec)
+    losses: list[float] = []
+    started = time.monotonic()
+    train_classifier(
+        model,
+        train,
+        normalization,
+        TeacherTrainConfig(
+            epochs=recipe.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate
+        ),
+        on_epoch=lambda _epoch, loss: losses.append(round(loss, 4)),
+    )
+    return {
+        **recipe.model_dump(),
+        "validation_accuracy": classifier_accuracy(model, validation, normalization),
+        "epsilon": None,
+        "noise_multiplier": None,
+        "steps": recipe.epochs * (len(train) // recipe.batch_size),
+        "train_records": len(train),
+        "validation_records": len(validation),
+        "epoch_losses": losses,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
 def markdown(report: dict, command: str) -> str:
     """The RESULTS.md table of a search."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = sorted(report["recipes"].values(), key=lambda r: -r["validation_accuracy"])
     lines = [
-        f"\n### DP-SGD recipe search, {stamp}\n",
+        f"\n### {'DP-SGD' if report['epsilon'] is not None else 'Non-private'} recipe search, "
+        f"{stamp}\n",
         f"Command: `{command}`. Owner 1's third of Fashion-MNIST (the epsilon table's shard 0), "
         f"{rows[0]['train_records']:,} records for training and {rows[0]['validation_records']:,} "
-        f"held out for validation (the test split is not read); DP-SGD (Adam, "
-        f"Poisson sampling) at epsilon {report['epsilon']:g}, delta {report['delta']:g}, "
-        "statistics release included; one thread per recipe. The search is not charged to "
-        "the owner's budget.\n",
+        "held out for validation (the test split is not read); "
+        + (
+            f"DP-SGD (Adam, Poisson sampling) at epsilon {report['epsilon']:g}, delta "
+            f"{report['delta']:g}, statistics release included; one thread per recipe. The "
+            "search is not charged to the owner's budget.\n"
+            if report["epsilon"] is not None
+            else "no DP: the non-private reference's training (Adam, weight decay 1e-4, cosine "
+            "decay, shuffled batches); one thread per recipe.\n"
+        ),
         "| recipe | architecture | epochs | batch | lr | C | noise multiplier | steps | "
         "validation % | s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -163,7 +235,9 @@ def markdown(report: dict, command: str) -> str:
         lines.append(
             f"| {r['name']} | {r.get('architecture', 'lenet5_gn')} | {r['epochs']} | "
             f"{r['batch_size']} | {r['learning_rate']:g} | "
-            f"{r['max_grad_norm']:g} | {r['noise_multiplier']:.3f} | {r['steps']} | "
+            f"{format(r['max_grad_norm'], 'g') if r.get('private', True) else '-'} | "
+            f"{'-' if r['noise_multiplier'] is None else format(r['noise_multiplier'], '.3f')} | "
+            f"{r['steps']} | "
             f"{100 * r['validation_accuracy']:.2f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -177,10 +251,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--configs", nargs="+", metavar="NAME", help="recipes of GRID to run")
     parser.add_argument(
+        "--non-private",
+        action="store_true",
+        help="search the non-private reference's recipe (GRID_NON_PRIVATE) instead",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="one epoch of the first two recipes (plumbing)"
     )
     args = parser.parse_args()
-    grid = [r for r in GRID if args.configs is None or r.name in args.configs]
+    epsilon = None if args.non_private else args.epsilon
+    pool_of = GRID_NON_PRIVATE if args.non_private else GRID
+    grid = [r for r in pool_of if args.configs is None or r.name in args.configs]
     if args.quick:
         grid = [r.model_copy(update={"epochs": 1}) for r in grid[:2]]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +269,9 @@ def main() -> None:
     report = (
         json.loads(path.read_text())
         if path.exists()
-        else {"epsilon": args.epsilon, "delta": args.delta, "recipes": {}}
+        else {"epsilon": epsilon, "delta": args.delta, "recipes": {}}
     )
-    if (report["epsilon"], report["delta"]) != (args.epsilon, args.delta):
+    if (report["epsilon"], report["delta"]) != (epsilon, args.delta):
         raise SystemExit(f"{path} holds another (epsilon, delta): use another --out")
     todo = [r for r in grid if r.name not in report["recipes"]]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -207,8 +288,8 @@ def main() -> None:
                 f"({row['seconds']:.0f} s)",
                 flush=True,
             )
-    command = "python bench/dp_tuning.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (("out", args.out), ("epsilon", args.epsilon))
+    command = f"python bench/dp_tuning.py --out {args.out} " + (
+        "--non-private" if args.non_private else f"--epsilon {args.epsilon:g}"
     )
     with RESULTS.open("a") as handle:
         handle.write(markdown(report, command + (" --quick" if args.quick else "")))

@@ -35,6 +35,7 @@ from cdfkd.teacher_node.privacy import (
     release_statistics,
     steps_and_rate,
 )
+from cdfkd.teacher_node.training import DP_RECIPE, TeacherJob
 from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier
 
 
@@ -220,3 +221,18 @@ def test_released_statistics_must_fit_the_model() -> None:
         TeacherEngine(
             model, (1, 16, 16), statistics=[LayerStatistics(layer="no.such", mean=(), var=())]
         )
+
+
+def test_a_dp_job_defaults_to_the_tuned_recipe_and_the_owner_overrides_it() -> None:
+    settings = PrivacySettings(epsilon=8.0, delta=1e-5)
+    private = TeacherJob(name="dp", privacy=settings)
+    assert (private.epochs, private.batch_size, private.learning_rate) == (
+        DP_RECIPE["epochs"],
+        DP_RECIPE["batch_size"],
+        DP_RECIPE["learning_rate"],
+    )
+    chosen = TeacherJob(name="dp", privacy=settings, epochs=3, batch_size=64)
+    assert (chosen.epochs, chosen.batch_size) == (3, 64)
+    assert chosen.learning_rate == DP_RECIPE["learning_rate"]
+    plain = TeacherJob(name="plain")
+    assert (plain.epochs, plain.batch_size, plain.learning_rate) == (6, 128, 2e-3)
