@@ -133,14 +133,20 @@ def split_owner(validation_fraction: float) -> tuple[ImageDataset, ImageDataset]
 
 
 def run_recipe(recipe: Recipe, epsilon: float, delta: float, validation_fraction: float) -> dict:
-    """Train one recipe on owner 1's training part; its validation accuracy (one thread)."""
+    """Train one recipe on owner 1's training part; its validation accuracy (one thread).
+
+    A private recipe trains as ``cdfkd teacher train --dp-epsilon`` does (fixed normalization,
+    DP-SGD, statistics release); a non-private one as without it (the data's normalization).
+    """
     torch.set_num_threads(1)
     train, validation = split_owner(validation_fraction)
-    if not recipe.private:
-        return run_non_private(recipe, train, validation)
     channels = train.input_shape[0]
-    normalization = Normalization(
-        mean=(PRIVATE_NORMALIZATION[0],) * channels, std=(PRIVATE_NORMALIZATION[1],) * channels
+    normalization = (
+        Normalization(
+            mean=(PRIVATE_NORMALIZATION[0],) * channels, std=(PRIVATE_NORMALIZATION[1],) * channels
+        )
+        if recipe.private
+        else Normalization.of(train)
     )
     spec = ArchitectureSpec(
         architecture=recipe.architecture,
@@ -150,58 +156,39 @@ def run_recipe(recipe: Recipe, epsilon: float, delta: float, validation_fraction
     torch.manual_seed(0)
     model = build_classifier(spec)
     losses: list[float] = []
-    started = time.monotonic()
-    private = train_private_classifier(
-        model,
-        train,
-        normalization,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate,
-        seed=0,
-        settings=PrivacySettings(epsilon=epsilon, delta=delta, max_grad_norm=recipe.max_grad_norm),
-        on_epoch=lambda _epoch, loss: losses.append(round(loss, 4)),
-    )
-    return {
-        **recipe.model_dump(),
-        "validation_accuracy": classifier_accuracy(model, validation, normalization),
-        "epsilon": private.guarantee.epsilon,
-        "noise_multiplier": private.guarantee.noise_multiplier,
-        "steps": private.guarantee.steps,
-        "train_records": len(train),
-        "validation_records": len(validation),
-        "epoch_losses": losses,
-        "seconds": round(time.monotonic() - started, 1),
-    }
 
+    def log_epoch(_epoch: int, loss: float) -> None:
+        losses.append(round(loss, 4))
 
-def run_non_private(recipe: Recipe, train: ImageDataset, validation: ImageDataset) -> dict:
-    """A non-private recipe: ``train_classifier`` on the training part, scored on validation."""
-    normalization = Normalization.of(train)
-    spec = ArchitectureSpec(
-        architecture=recipe.architecture,
-        input_shape=train.input_shape,
-        num_classes=train.num_classes,
-    )
-    torch.manual_seed(0)
-    model = build_classifier(spec)
-    losses: list[float] = []
     started = time.monotonic()
-    train_classifier(
-        model,
-        train,
-        normalization,
-        TeacherTrainConfig(
+    row: dict = {"epsilon": None, "noise_multiplier": None}
+    if recipe.private:
+        guarantee = train_private_classifier(
+            model,
+            train,
+            normalization,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            learning_rate=recipe.learning_rate,
+            seed=0,
+            settings=PrivacySettings(
+                epsilon=epsilon, delta=delta, max_grad_norm=recipe.max_grad_norm
+            ),
+            on_epoch=log_epoch,
+        ).guarantee
+        row = {"epsilon": guarantee.epsilon, "noise_multiplier": guarantee.noise_multiplier}
+        steps = guarantee.steps
+    else:
+        config = TeacherTrainConfig(
             epochs=recipe.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate
-        ),
-        on_epoch=lambda _epoch, loss: losses.append(round(loss, 4)),
-    )
+        )
+        train_classifier(model, train, normalization, config, on_epoch=log_epoch)
+        steps = recipe.epochs * (len(train) // recipe.batch_size)
     return {
         **recipe.model_dump(),
         "validation_accuracy": classifier_accuracy(model, validation, normalization),
-        "epsilon": None,
-        "noise_multiplier": None,
-        "steps": recipe.epochs * (len(train) // recipe.batch_size),
+        **row,
+        "steps": steps,
         "train_records": len(train),
         "validation_records": len(validation),
         "epoch_losses": losses,
