@@ -4,7 +4,7 @@
     python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
         [--dp-architecture A] [--dp-learning-rate LR] [--dp-max-grad-norm C] [--workers W]
-        [--reference-from JSON]
+        [--rows-from JSON ...]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
@@ -32,9 +32,10 @@ The DP recipe (architecture, epochs, expected batch, Adam's learning rate, clipp
 defaults to the one ``bench/dp_tuning.py`` chose on a validation split of owner 1's data;
 missing teachers train first, ``--workers`` at a time (one thread each), cached under a hash
 of their job.
-``--reference-from`` takes the ``inf`` row from an earlier ``epsilon_table.json`` whose
-non-private teachers and distillation settings are the same (the row is deterministic given
-them), instead of distilling it again; the table says where it came from.
+``--rows-from`` takes the rows it holds from another ``epsilon_table.json`` made with the same
+settings (recipes, delta, teacher epochs, distillation iterations) instead of distilling them
+again, read when the row's turn comes: so two processes can share a table's rows (one
+distilling while the other still trains teachers); the table says which rows came from where.
 """
 
 from __future__ import annotations
@@ -306,11 +307,6 @@ def epsilon_table(args: argparse.Namespace) -> None:
         for e in args.epsilons
         if not math.isinf(e)
     }
-    all_jobs = [job for jobs in dp.values() for job in jobs]
-    train_missing(args.out / "dp-teachers", all_jobs, args.workers)
-    reference = None
-    if args.reference_from is not None:
-        reference = reused_reference(args.reference_from, iterations, teacher_epochs)
     report: dict[str, Any] = {
         "delta": args.delta,
         "dp_epochs": dp_epochs,
@@ -324,9 +320,13 @@ def epsilon_table(args: argparse.Namespace) -> None:
         "rows": [],
         "complete": False,
     }
+    # Teachers of rows another table already holds are not trained again.
+    needed = [e for e in dp if reused_row(args.rows_from, report, e) is None]
+    train_missing(args.out / "dp-teachers", [j for e in needed for j in dp[e]], args.workers)
     for epsilon in args.epsilons:
-        if math.isinf(epsilon) and reference is not None:
-            report["rows"].append(reference)
+        reused = reused_row(args.rows_from, report, epsilon)
+        if reused is not None:
+            report["rows"].append(reused)
             continue
         if math.isinf(epsilon):
             packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(teacher_epochs))
@@ -337,6 +337,7 @@ def epsilon_table(args: argparse.Namespace) -> None:
         # Each finished row is kept at once: a long table stopped half-way keeps its rows.
         report["total_seconds"] = round(time.monotonic() - started, 1)
         (args.out / "epsilon_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["rows"].sort(key=lambda row: math.inf if row["epsilon"] is None else row["epsilon"])
     report["complete"] = True
     report["total_seconds"] = round(time.monotonic() - started, 1)
     (args.out / "epsilon_table.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -345,18 +346,34 @@ def epsilon_table(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
-def reused_reference(path: Path, iterations: int, teacher_epochs: int) -> dict:
-    """The ``inf`` row of an earlier table with the same non-private teachers and budget."""
-    earlier = json.loads(path.read_text())
-    if (earlier["distill_iterations"], earlier["teacher_epochs_non_private"]) != (
-        iterations,
-        teacher_epochs,
-    ):
-        raise SystemExit(f"--reference-from {path}: other distillation iterations or epochs")
-    row = next((r for r in earlier["rows"] if r["epsilon"] is None), None)
-    if row is None:
-        raise SystemExit(f"--reference-from {path}: it has no inf row")
-    return {**row, "reused_from": str(path)}
+#: What rows of two tables must share for one to take the other's (``--rows-from``).
+SHARED_SETTINGS = (
+    "delta",
+    "dp_epochs",
+    "dp_batch_size",
+    "dp_architecture",
+    "dp_learning_rate",
+    "dp_max_grad_norm",
+    "teacher_epochs_non_private",
+    "distill_iterations",
+    "quick",
+)
+
+
+def reused_row(paths: list[Path], report: dict, epsilon: float) -> dict | None:
+    """``epsilon``'s row from the first table in ``paths`` that has one (settings as ours)."""
+    wanted = None if math.isinf(epsilon) else epsilon
+    for path in paths:
+        if not path.exists():
+            continue
+        earlier = json.loads(path.read_text())
+        differ = [k for k in SHARED_SETTINGS if earlier.get(k) != report[k]]
+        if differ:
+            raise SystemExit(f"--rows-from {path}: other settings ({', '.join(differ)})")
+        row = next((r for r in earlier["rows"] if r["epsilon"] == wanted), None)
+        if row is not None:
+            return {**row, "reused_from": str(path)}
+    return None
 
 
 def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
@@ -377,9 +394,15 @@ def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
         f"{report['distill_iterations']} distillation iterations each, in-process teachers; "
         "accuracy on the 10,000 test images."
         + (
-            f" The inf row is reused from `{reference['reused_from']}` (same teachers and "
-            "distillation settings), not distilled again."
-            if reference is not None and "reused_from" in reference
+            " Rows taken from another run of the same settings (`--rows-from`): "
+            + ", ".join(
+                f"{'inf' if r['epsilon'] is None else format(r['epsilon'], 'g')} from "
+                f"`{r['reused_from']}`"
+                for r in report["rows"]
+                if "reused_from" in r
+            )
+            + "."
+            if any("reused_from" in r for r in report["rows"])
             else ""
         )
         + "\n",
@@ -445,10 +468,13 @@ def main() -> None:
     parser.add_argument("--dp-max-grad-norm", type=float, default=DP_MAX_GRAD_NORM)
     parser.add_argument("--workers", type=int, default=2, help="DP teachers trained at once")
     parser.add_argument(
-        "--reference-from",
+        "--rows-from",
         type=Path,
+        nargs="+",
+        default=[],
         metavar="JSON",
-        help="take the inf row from this earlier epsilon_table.json instead of distilling it",
+        help="take the rows these epsilon_table.json files (same settings) hold when their "
+        "turn comes, instead of distilling them",
     )
     parser.add_argument(
         "--rows", nargs="+", choices=[name for name, _ in ROWS], help="run only these rows"

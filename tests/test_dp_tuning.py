@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.dp_tuning import GRID, split_owner
-from bench.privacy import dp_jobs, reused_reference
+from bench.privacy import SHARED_SETTINGS, dp_jobs, reused_row
 from bench.quality import keyed_directories
 from cdfkd.teacher_node.zoo import Architecture
 
@@ -47,15 +48,24 @@ def test_each_recipe_caches_its_teachers_apart(tmp_path: Path) -> None:
     assert not set(keyed_directories(tmp_path, table)) & set(keyed_directories(tmp_path, tuned))
 
 
-def test_a_reused_reference_row_must_match_the_budget(tmp_path: Path) -> None:
-    row = {"epsilon": None, "student_mean": 0.87}
-    earlier = {"distill_iterations": 900, "teacher_epochs_non_private": 6, "rows": [row]}
-    path = tmp_path / "epsilon_table.json"
-    path.write_text(json.dumps(earlier))
-    assert reused_reference(path, 900, 6)["reused_from"] == str(path)
-    with pytest.raises(SystemExit, match="other distillation iterations"):
-        reused_reference(path, 300, 6)
-    earlier["rows"] = [{"epsilon": 8.0}]
-    path.write_text(json.dumps(earlier))
-    with pytest.raises(SystemExit, match="no inf row"):
-        reused_reference(path, 900, 6)
+def _table(rows: list[dict], **settings) -> dict:
+    shared = dict.fromkeys(SHARED_SETTINGS, 1)
+    return {**shared, **settings, "rows": rows}
+
+
+def test_rows_are_taken_from_the_first_table_with_the_same_settings(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(_table([{"epsilon": 8.0, "student_mean": 0.8}])))
+    second.write_text(
+        json.dumps(_table([{"epsilon": 8.0, "student_mean": 0.7}, {"epsilon": None}]))
+    )
+    ours = _table([])
+    row = reused_row([first, second], ours, 8.0)
+    assert row is not None
+    assert (row["student_mean"], row["reused_from"]) == (0.8, str(first))
+    reference = reused_row([first, second], ours, math.inf)
+    assert reference is not None
+    assert reference["reused_from"] == str(second)
+    assert reused_row([first, tmp_path / "not-yet.json"], ours, 3.0) is None
+    with pytest.raises(SystemExit, match="other settings \\(distill_iterations\\)"):
+        reused_row([first], _table([], distill_iterations=300), 8.0)
