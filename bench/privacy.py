@@ -4,7 +4,7 @@
     python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
         [--dp-architecture A] [--dp-learning-rate LR] [--dp-max-grad-norm C] [--workers W]
-        [--rows-from JSON ...]
+        [--rows-from JSON ...] [--distill-seed S]
 
 Three LeNet-5-BN teachers on disjoint thirds of Fashion-MNIST, each served by its own node
 process with mutual TLS. Every row gives every node the same image budget for training: the
@@ -255,7 +255,9 @@ def train_missing(root: Path, jobs: list[TeacherJob], workers: int) -> None:
             future.result()
 
 
-def epsilon_row(epsilon: float, packages: list[Path], out: Path, iterations: int) -> dict:
+def epsilon_row(
+    epsilon: float, packages: list[Path], out: Path, iterations: int, seed: int = 0
+) -> dict:
     """Distill one federation for ``iterations``; its teachers' guarantees and accuracy.
 
     The budget is iterations, not seconds, so every epsilon gets the same teacher queries
@@ -265,7 +267,7 @@ def epsilon_row(epsilon: float, packages: list[Path], out: Path, iterations: int
     config = RunConfig(
         data=DataConfig(dataset=DatasetName.FASHION_MNIST),
         teachers=tuple(PackageTeacher(package=p) for p in packages),
-        train=train_config(iterations),
+        train=train_config(iterations, seed=seed),
         run=RunSettings(
             device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
         ),
@@ -316,6 +318,7 @@ def epsilon_table(args: argparse.Namespace) -> None:
         "dp_max_grad_norm": args.dp_max_grad_norm,
         "teacher_epochs_non_private": teacher_epochs,
         "distill_iterations": iterations,
+        "distill_seed": args.distill_seed,
         "quick": args.quick,
         "rows": [],
         "complete": False,
@@ -333,7 +336,7 @@ def epsilon_table(args: argparse.Namespace) -> None:
         else:
             packages = ensure_teachers(args.out / "dp-teachers", dp[epsilon], keyed=True)
         out = args.out / f"eps-{epsilon:g}"
-        report["rows"].append(epsilon_row(epsilon, packages, out, iterations))
+        report["rows"].append(epsilon_row(epsilon, packages, out, iterations, args.distill_seed))
         # Each finished row is kept at once: a long table stopped half-way keeps its rows.
         report["total_seconds"] = round(time.monotonic() - started, 1)
         (args.out / "epsilon_table.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -356,6 +359,7 @@ SHARED_SETTINGS = (
     "dp_max_grad_norm",
     "teacher_epochs_non_private",
     "distill_iterations",
+    "distill_seed",
     "quick",
 )
 
@@ -367,6 +371,7 @@ def reused_row(paths: list[Path], report: dict, epsilon: float) -> dict | None:
         if not path.exists():
             continue
         earlier = json.loads(path.read_text())
+        earlier.setdefault("distill_seed", 0)  # tables from before --distill-seed used 0
         differ = [k for k in SHARED_SETTINGS if earlier.get(k) != report[k]]
         if differ:
             raise SystemExit(f"--rows-from {path}: other settings ({', '.join(differ)})")
@@ -391,7 +396,8 @@ def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
         f"{report['delta']:g}, epsilon covering training and the released prior statistics "
         f"(PRV accountant); epsilon inf: the non-private LeNet-5-BN teachers "
         f"({report['teacher_epochs_non_private']} epochs). CDFKD-MFS, "
-        f"{report['distill_iterations']} distillation iterations each, in-process teachers; "
+        f"{report['distill_iterations']} distillation iterations each (seed "
+        f"{report.get('distill_seed', 0)}), in-process teachers; "
         "accuracy on the 10,000 test images."
         + (
             " Rows taken from another run of the same settings (`--rows-from`): "
@@ -452,6 +458,12 @@ def main() -> None:
         type=int,
         help="distillation iterations per epsilon (default 900, about 15 min of CDFKD-MFS on 2 "
         "idle cores; 30 with --quick)",
+    )
+    parser.add_argument(
+        "--distill-seed",
+        type=int,
+        default=0,
+        help="the distillation's seed (one per table: run the table once per seed)",
     )
     parser.add_argument(
         "--dp-epochs",
