@@ -45,10 +45,8 @@ import datetime
 import json
 import logging
 import math
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import ensure_teachers, homogeneous_jobs, keyed_directories  # noqa: E402
+from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
 from cdfkd.coordinator.config import (  # noqa: E402
     DataConfig,
     PackageTeacher,
@@ -73,7 +71,12 @@ from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.package import read_metadata  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.privacy import PrivacySettings  # noqa: E402
-from cdfkd.teacher_node.training import TeacherJob, train_teacher_package  # noqa: E402
+from cdfkd.teacher_node.training import (  # noqa: E402
+    DP_BATCH_SIZE,
+    DP_EPOCHS,
+    DP_LEARNING_RATE,
+    TeacherJob,
+)
 from cdfkd.teacher_node.zoo import Architecture  # noqa: E402
 
 logger = logging.getLogger("bench.privacy")
@@ -202,9 +205,10 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
 
 #: The DP-SGD recipe ``bench/dp_tuning.py`` chose (validation split of owner 1, epsilon 8,
 #: 2026-12-02): b1024-e24, tied with b2048-e40 at 86.20 % and the cheaper of the two; tanh and
-#: a clipping bound of 0.1 scored lower (bench/RESULTS.md).
+#: a clipping bound of 0.1 scored lower (bench/RESULTS.md). It is ``cdfkd teacher train
+#: --dp-epsilon``'s default (DP_RECIPE), with the default architecture and clipping bound.
 DP_ARCHITECTURE = Architecture.LENET5_GN
-DP_EPOCHS, DP_BATCH_SIZE, DP_LEARNING_RATE, DP_MAX_GRAD_NORM = 24, 1024, 4e-3, 1.0
+DP_MAX_GRAD_NORM = PrivacySettings.model_fields["max_grad_norm"].default
 
 
 def dp_jobs(
@@ -231,28 +235,6 @@ def dp_jobs(
         )
         for i in range(3)
     ]
-
-
-def _train_one(job: TeacherJob, directory: Path) -> None:
-    """Worker process: train one teacher package with one thread."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    train_teacher_package(job, directory)
-
-
-def train_missing(root: Path, jobs: list[TeacherJob], workers: int) -> None:
-    """Train the keyed packages of ``jobs`` that are not cached yet, ``workers`` at a time."""
-    missing = [
-        (job, directory)
-        for job, directory in zip(jobs, keyed_directories(root, jobs), strict=True)
-        if not (directory / "teacher.json").exists()
-    ]
-    if not missing:
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for future in [pool.submit(_train_one, job, d) for job, d in missing]:
-            future.result()
 
 
 def epsilon_row(
@@ -293,7 +275,7 @@ def epsilon_table(args: argparse.Namespace) -> None:
     """Utility against epsilon (``--epsilon-table``)."""
     started = time.monotonic()
     iterations = args.distill_iterations or (30 if args.quick else 900)
-    dp_epochs = args.dp_epochs or (1 if args.quick else DP_EPOCHS)
+    dp_epochs = args.dp_epochs if args.dp_epochs is not None else (1 if args.quick else DP_EPOCHS)
     teacher_epochs = 1 if args.quick else args.teacher_epochs
     args.out.mkdir(parents=True, exist_ok=True)
     dp = {
@@ -325,7 +307,8 @@ def epsilon_table(args: argparse.Namespace) -> None:
     }
     # Teachers of rows another table already holds are not trained again.
     needed = [e for e in dp if reused_row(args.rows_from, report, e) is None]
-    train_missing(args.out / "dp-teachers", [j for e in needed for j in dp[e]], args.workers)
+    needed_jobs = [j for e in needed for j in dp[e]]
+    ensure_teachers(args.out / "dp-teachers", needed_jobs, keyed=True, workers=args.workers)
     for epsilon in args.epsilons:
         reused = reused_row(args.rows_from, report, epsilon)
         if reused is not None:

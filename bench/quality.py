@@ -36,12 +36,14 @@ import dataclasses
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shlex
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +144,33 @@ def keyed_directories(root: Path, jobs: list[TeacherJob]) -> list[Path]:
     return [root / f"{job.name}-{digest(job.model_dump(mode='json'))}" for job in jobs]
 
 
-def ensure_teachers(root: Path, jobs: list[TeacherJob], keyed: bool = False) -> list[Path]:
-    """Train the jobs' teachers unless cached; ``keyed``: folders named by the job's hash."""
+def _train_one(job: TeacherJob, directory: Path) -> None:
+    """Worker process of :func:`ensure_teachers`: train one package with one thread."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    train_teacher_package(job, directory)
+
+
+def ensure_teachers(
+    root: Path, jobs: list[TeacherJob], keyed: bool = False, workers: int = 1
+) -> list[Path]:
+    """Train the jobs' teachers unless cached; ``keyed``: folders named by the job's hash.
+
+    ``workers`` > 1: the missing ones train in that many spawned processes, one thread each.
+    """
     directories = keyed_directories(root, jobs) if keyed else [root / job.name for job in jobs]
-    for job, directory in zip(jobs, directories, strict=True):
-        if not (directory / "teacher.json").exists():
+    missing = [
+        (job, directory)
+        for job, directory in zip(jobs, directories, strict=True)
+        if not (directory / "teacher.json").exists()
+    ]
+    if workers > 1 and len(missing) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for future in [pool.submit(_train_one, job, d) for job, d in missing]:
+                future.result()
+    else:
+        for job, directory in missing:
             train_teacher_package(job, directory)
     return directories
 

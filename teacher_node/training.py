@@ -36,7 +36,8 @@ PRIVATE_NORMALIZATION = (0.5, 0.5)
 #: recipe ``bench/dp_tuning.py`` chose on a validation split of a third of Fashion-MNIST at
 #: epsilon 8 (86.2 % validation accuracy against 82.5 % for 8 epochs at batch 256;
 #: bench/RESULTS.md). DP-SGD wants large batches: its noise is added once per step.
-DP_RECIPE = {"epochs": 24, "batch_size": 1024, "learning_rate": 4e-3}
+DP_EPOCHS, DP_BATCH_SIZE, DP_LEARNING_RATE = 24, 1024, 4e-3
+DP_RECIPE = {"epochs": DP_EPOCHS, "batch_size": DP_BATCH_SIZE, "learning_rate": DP_LEARNING_RATE}
 #: Architectures with BatchNorm, which DP-SGD cannot train.
 BATCHNORM_ARCHITECTURES = frozenset({Architecture.LENET5_BN, Architecture.RESNET})
 
