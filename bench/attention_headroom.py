@@ -39,6 +39,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from cdfkd.student_node.artifact import load_student  # noqa: E402
 from cdfkd.student_node.evaluate import header_logits  # noqa: E402
 from cdfkd.student_node.models.aggregator import (  # noqa: E402
@@ -56,7 +57,6 @@ from cdfkd.teacher_node.datasets import (  # noqa: E402
 from cdfkd.teacher_node.metrics import accuracy  # noqa: E402
 
 logger = logging.getLogger("bench.attention_headroom")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 #: What the shared scorer reads of each header's logits (the module docstring lists them).
 READINGS = ("logits", "log_softmax", "confidence", "log_softmax_mlp")
 
@@ -157,8 +157,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention_headroom.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report, args)
-    with RESULTS.open("a") as handle:
-        handle.write(table)
+    append_section(table)
     print(table)
 
 

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from bench.tcp_proxy import RecordingProxy  # noqa: E402
 from cdfkd.coordinator.config import parse_run_config  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
@@ -39,7 +40,6 @@ from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.server import build_node  # noqa: E402
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SHAPE = (1, 16, 16)
 BATCH = 32
 TRAIN: dict[str, Any] = {
@@ -186,8 +186,7 @@ def append_results(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"pixels: {results['image_bytes']:,}); the tiny run's training wire bytes are "
         f"{results['training_wire_bytes_ratio']:.3f} of sending the batch twice.\n"
     )
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import UTC, datetime
@@ -34,11 +35,15 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from cdfkd.teacher_node.data_sources import load_train_and_test
-from cdfkd.teacher_node.datasets import DatasetName, ImageDataset, Normalization
-from cdfkd.teacher_node.dp_training import train_private_classifier
-from cdfkd.teacher_node.privacy import PrivacySettings
-from cdfkd.teacher_node.training import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results import append_section  # noqa: E402
+from cdfkd.teacher_node.data_sources import load_train_and_test  # noqa: E402
+from cdfkd.teacher_node.datasets import DatasetName, ImageDataset, Normalization  # noqa: E402
+from cdfkd.teacher_node.dp_training import train_private_classifier  # noqa: E402
+from cdfkd.teacher_node.privacy import PrivacySettings  # noqa: E402
+from cdfkd.teacher_node.training import (  # noqa: E402
     PRIVATE_NORMALIZATION,
     TeacherJob,
     TeacherTrainConfig,
@@ -46,9 +51,8 @@ from cdfkd.teacher_node.training import (
     owner_shard,
     train_classifier,
 )
-from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier
+from cdfkd.teacher_node.zoo import Architecture, ArchitectureSpec, build_classifier  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0
 
@@ -278,8 +282,7 @@ def main() -> None:
     command = f"python bench/dp_tuning.py --out {args.out} " + (
         "--non-private" if args.non_private else f"--epsilon {args.epsilon:g}"
     )
-    with RESULTS.open("a") as handle:
-        handle.write(markdown(report, command + (" --quick" if args.quick else "")))
+    append_section(markdown(report, command + (" --quick" if args.quick else "")))
 
 
 if __name__ == "__main__":

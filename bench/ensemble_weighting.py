@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.privacy import train_config  # noqa: E402
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.config import DataConfig, PackageTeacher, RunConfig, RunSettings  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 WEIGHTINGS = ("equal", "confidence")
 
 
@@ -118,8 +118,7 @@ def main() -> None:
             f"{100 * equal['student_mean']:.2f} | {100 * confident['student_mean']:.2f} | "
             f"{100 * (confident['student_mean'] - equal['student_mean']):+.2f} |"
         )
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    append_section("\n".join(lines) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 

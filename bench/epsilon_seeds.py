@@ -25,7 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.privacy import RESULTS, SHARED_SETTINGS  # noqa: E402
+from bench.privacy import SHARED_SETTINGS  # noqa: E402
+from bench.results import append_section  # noqa: E402
 
 
 def spread(values: list[float]) -> dict[str, float | int | None]:
@@ -146,8 +147,7 @@ def main() -> None:
     report["tables"] = [str(p) for p in args.tables]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "epsilon_seeds.json").write_text(json.dumps(report, indent=2) + "\n")
-    with RESULTS.open("a") as handle:
-        handle.write(markdown(report, report["tables"]))
+    append_section(markdown(report, report["tables"]))
     print(json.dumps(report, indent=2))
 
 

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from cdfkd.student_node.artifact import save_student  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.export import (  # noqa: E402
@@ -48,7 +49,6 @@ from cdfkd.student_node.teachers.protocol import TeacherInfo  # noqa: E402
 from cdfkd.student_node.trainer import build_student  # noqa: E402
 
 logger = logging.getLogger("bench.export")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 BATCH_SIZES = (1, 64)
 WARMUP_RUNS = 5
 #: Three LeNet-5-BN teachers on Fashion-MNIST padded to 32x32, as in the demo.
@@ -230,8 +230,7 @@ def write_table(results: dict[str, Any], args: argparse.Namespace) -> None:
             "the 1-thread columns compare the runtimes.\n"
         )
     lines.append("")
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from bench.tcp_proxy import Link, RecordingProxy  # noqa: E402
 from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa: E402
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
@@ -62,7 +63,6 @@ from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 
 logger = logging.getLogger("bench.federation_cost")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 #: gRPC honours these for non-loopback addresses; teacher traffic must stay on this machine.
 PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY")
 VALIDATION_SAMPLES = 5000
@@ -339,8 +339,7 @@ def main() -> None:
     if not math.isfinite(report["wan"]["ratio"]):
         raise RuntimeError("the emulated-link ratio is not finite")
     (args.out / "federation_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-    with RESULTS.open("a") as handle:
-        handle.write(markdown(args, report))
+    append_section(markdown(args, report))
     print(json.dumps({k: v for k, v in report.items() if k != "modes"}, indent=2))
 
 

@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.flower.owner import new_aggregator, owner_logits  # noqa: E402
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings  # noqa: E402
 from cdfkd.coordinator.flower.simulation import simulate  # noqa: E402
@@ -42,7 +43,6 @@ from cdfkd.teacher_node.metrics import accuracy  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 logger = logging.getLogger("bench.flower_attention")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 def central(settings: FederatedAttentionSettings) -> dict[str, Any]:
@@ -173,8 +173,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flower_attention.json").write_text(json.dumps(results, indent=2) + "\n")
-    with RESULTS.open("a") as handle:
-        handle.write(markdown(results, args, str(args.student)))
+    append_section(markdown(results, args, str(args.student)))
     print(markdown(results, args, str(args.student)))
 
 

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import BASE_TRAIN, ensure_teachers, homogeneous_jobs  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from cdfkd.student_node import trainer  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 
 logger = logging.getLogger("bench.iteration_cost")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 def milliseconds(action: Callable[[], object], repeats: int) -> float:
@@ -163,8 +163,7 @@ def main() -> None:
         f"{medians['generator_nchw']:.3f} s per iteration (median) -> "
         f"x{report['speedup_nhwc_generator']:.2f}.\n",
     ]
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
     print(json.dumps(report, indent=2))
 
 

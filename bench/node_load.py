@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.remote import make_packages  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.protos import teacher_pb2, teacher_pb2_grpc  # noqa: E402
 from cdfkd.protos.codec import encode  # noqa: E402
@@ -46,7 +47,6 @@ from cdfkd.student_node.teachers.remote import RemoteTeacherConfig, open_channel
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 
 logger = logging.getLogger("bench.node_load")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SHAPE = (1, 32, 32)
 NUM_CLASSES = 10
 #: One student cycle: five feature Queries (student steps), a Query with R(x), an InputGrad.
@@ -319,8 +319,7 @@ def write_table(results: dict[str, Any]) -> None:
         f"{flood_counts['other_errors']} other errors.",
         "",
     ]
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.config import (  # noqa: E402
     DataConfig,
     PackageTeacher,
@@ -80,7 +81,6 @@ from cdfkd.teacher_node.training import (  # noqa: E402
 from cdfkd.teacher_node.zoo import Architecture  # noqa: E402
 
 logger = logging.getLogger("bench.privacy")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 TEST_IMAGES = 10_000  # the final evaluation queries every teacher once per test image
 DIRECTIONS = 8  # zeroth-order directions for logits-only teachers
 
@@ -327,8 +327,7 @@ def epsilon_table(args: argparse.Namespace) -> None:
     report["complete"] = True
     report["total_seconds"] = round(time.monotonic() - started, 1)
     (args.out / "epsilon_table.json").write_text(json.dumps(report, indent=2) + "\n")
-    with RESULTS.open("a") as handle:
-        handle.write(epsilon_markdown(args, report))
+    append_section(epsilon_markdown(args, report))
     print(json.dumps(report, indent=2))
 
 
@@ -515,8 +514,7 @@ def main() -> None:
             f"{100 * row['mean']:.2f} | {attention} | "
             f"{images} | {row['wall_seconds']:.0f} |"
         )
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    append_section("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2))
 
 

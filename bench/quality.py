@@ -72,6 +72,7 @@ from bench.quality_protocol import (  # noqa: E402
     student_parameters,
     train_settings,
 )
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.config import DataConfig, PackageTeacher, RunConfig, RunSettings  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.config import StudentKind, TrainConfig  # noqa: E402
@@ -80,7 +81,6 @@ from cdfkd.teacher_node.package import read_metadata  # noqa: E402
 from cdfkd.teacher_node.training import Partition, TeacherJob, train_teacher_package  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 VALIDATION_SEED = 18
 DIRICHLET_ALPHA = 0.3
 FEDERATIONS = ("homogeneous", "heterogeneous", "label_skewed")
@@ -558,8 +558,7 @@ def main() -> None:
         f"{report['total_seconds'] / 60:.1f} min.\n\n"
     )
     tables = [markdown_federation(TITLES[name], f, f["cells"]) for name, f in federations.items()]
-    with RESULTS.open("a") as handle:
-        handle.write(header + "\n".join(tables))
+    append_section(header + "\n".join(tables))
     print(json.dumps({name: f["methods"] for name, f in federations.items()}, indent=2))
 
 

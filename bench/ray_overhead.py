@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.remote import TRAIN, make_packages  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
 
 logger = logging.getLogger("bench.ray_overhead")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 class Loop:
@@ -131,8 +131,7 @@ def main() -> None:
         f"{results['actor_startup_s']:.1f} s, shut-down {results['ray_shutdown_s']:.1f} s.\n",
     ]
     table = "\n".join(lines)
-    with RESULTS.open("a") as handle:
-        handle.write(table)
+    append_section(table)
     print(json.dumps(results, indent=2))
 
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.netns import NamespaceError, VirtualHosts, unavailable_reason  # noqa: E402
+from bench.results import append_section  # noqa: E402
 from bench.tcp_proxy import RecordingProxy  # noqa: E402
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
@@ -44,7 +45,6 @@ from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.zoo import ArchitectureSpec, build_classifier  # noqa: E402
 
 logger = logging.getLogger("bench.remote")
-RESULTS = ROOT / "bench" / "RESULTS.md"
 MULTIHOST = "remote_tls_multihost"
 #: gRPC honours these for non-loopback addresses; teacher traffic must stay on this machine.
 PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY")
@@ -395,8 +395,7 @@ def write_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"\nGrowth 2 -> 8 teachers: iteration x{results['growth_2_to_8']:.2f}, concurrent teacher "
         f"round x{results['fan_out_growth_2_to_8']:.2f}.\n"
     )
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 def multihost_row(results: dict[str, Any]) -> str:
@@ -437,8 +436,7 @@ def write_multihost_table(results: dict[str, Any], args: argparse.Namespace) -> 
         lines.append(f"\nThree hosts / loopback: {results['multihost_to_loopback']:.3f}.\n")
     else:
         lines.append("")
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

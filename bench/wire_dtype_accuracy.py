@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.config import parse_run_config  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.teacher_node.config import parse_teacher_config  # noqa: E402
@@ -39,7 +40,6 @@ from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
 from cdfkd.teacher_node.server import Node, build_node  # noqa: E402
 from cdfkd.teacher_node.training import TeacherJob, train_teacher_package  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 DTYPES = ("float32", "float16")
 
 
@@ -187,8 +187,7 @@ def append_results(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"{results['mean_difference_float16_minus_float32']:+.4f}; float32 seed-to-seed std: "
         f"{'n/a (one seed)' if spread is None else f'{spread:.4f}'}.\n"
     )
-    with RESULTS.open("a") as handle:
-        handle.write("\n".join(lines))
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":
