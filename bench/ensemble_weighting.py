@@ -27,12 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.privacy import train_config  # noqa: E402
+from bench.privacy import distill_in_process, train_config  # noqa: E402
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
-from cdfkd.coordinator.config import DataConfig, PackageTeacher, RunConfig, RunSettings  # noqa: E402
-from cdfkd.coordinator.training_run import run_training  # noqa: E402
-from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 WEIGHTINGS = ("equal", "confidence")
@@ -44,15 +41,7 @@ def run(
     train = train_config(
         iterations, seed=seed, ensemble_weighting=weighting, confidence_temperature=tau
     )
-    config = RunConfig(
-        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-        teachers=tuple(PackageTeacher(package=p) for p in packages),
-        train=train,
-        run=RunSettings(
-            device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=10**6
-        ),
-    )
-    result = run_training(config, out, show_progress=False)
+    result = distill_in_process(packages, train, out)
     return {
         "weighting": weighting,
         "seed": seed,

@@ -65,7 +65,7 @@ from cdfkd.coordinator.config import (  # noqa: E402
     RunSettings,
 )
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
-from cdfkd.coordinator.training_run import run_training  # noqa: E402
+from cdfkd.coordinator.training_run import RunResult, run_training  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
@@ -237,6 +237,19 @@ def dp_jobs(
     ]
 
 
+def distill_in_process(packages: list[Path], train: TrainConfig, out: Path) -> RunResult:
+    """CDFKD-MFS on Fashion-MNIST from ``packages`` served in-process, no mid-run checkpoints."""
+    config = RunConfig(
+        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
+        teachers=tuple(PackageTeacher(package=p) for p in packages),
+        train=train,
+        run=RunSettings(
+            device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
+        ),
+    )
+    return run_training(config, out, show_progress=False)
+
+
 def epsilon_row(
     epsilon: float, packages: list[Path], out: Path, iterations: int, seed: int = 0
 ) -> dict:
@@ -246,15 +259,7 @@ def epsilon_row(
     whatever else runs on the machine; the seconds are recorded.
     """
     metadata = [read_metadata(p) for p in packages]
-    config = RunConfig(
-        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-        teachers=tuple(PackageTeacher(package=p) for p in packages),
-        train=train_config(iterations, seed=seed),
-        run=RunSettings(
-            device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
-        ),
-    )
-    result = run_training(config, out, show_progress=False)
+    result = distill_in_process(packages, train_config(iterations, seed=seed), out)
     return {
         "epsilon": None if math.isinf(epsilon) else epsilon,
         "teacher_epsilons": [None if m.privacy is None else m.privacy.epsilon for m in metadata],
