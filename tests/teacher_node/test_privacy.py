@@ -12,6 +12,7 @@ is not tight (its conversion to (eps, delta) is lossy), so it is not the referen
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -237,3 +238,27 @@ def test_a_dp_job_defaults_to_the_tuned_recipe_and_the_owner_overrides_it() -> N
     assert chosen.learning_rate == DP_RECIPE["learning_rate"]
     plain = TeacherJob(name="plain")
     assert (plain.epochs, plain.batch_size, plain.learning_rate) == (6, 128, 2e-3)
+
+
+def test_the_train_commands_help_states_the_recipe_the_job_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The CLI builds its parser without importing torch, so its help spells the recipe out;
+    # this keeps those words and TeacherJob's defaults (DP_RECIPE for DP jobs) together.
+    from cdfkd.coordinator.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["teacher", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    plain = TeacherJob(name="plain")
+    assert (
+        f"--epochs EPOCHS default {plain.epochs}; {DP_RECIPE['epochs']} with --dp-epsilon" in text
+    )
+    assert (
+        f"--batch-size BATCH_SIZE default {plain.batch_size}; {DP_RECIPE['batch_size']} "
+        "(expected) with --dp-epsilon"
+    ) in text
+    rates = re.search(r"--lr LR default (\S+); (\S+) with --dp-epsilon", text)
+    assert rates is not None
+    assert float(rates[1]) == plain.learning_rate
+    assert float(rates[2]) == DP_RECIPE["learning_rate"]
