@@ -1,6 +1,6 @@
 """What a point of accuracy costs across a federation: teacher images, wire bytes, wall-clock.
 
-    python bench/federation_cost.py --out DIR [--quick] [--seeds N] [--minutes M [M ...]]
+    python bench/federation_cost.py --out DIR [--quick] [--seeds N] [--minutes [M ...]]
                                     [--modes NAME [NAME ...]] [--wan-iterations N]
 
 Three LeNet-5-BN owners on disjoint IID thirds of Fashion-MNIST (training split less a
@@ -27,7 +27,8 @@ directly on loopback and through the userspace proxy emulating a 50 ms round tri
 Writes DIR/federation_cost.json (``{"modes": {name: M}, "wan": {...}}``, M holding
 ``accuracy``, ``accuracy_std``, ``teacher_images``, ``wire_bytes``, ``iterations``, ``seconds``
 at the largest budget, and ``budgets`` with the same for every budget) and appends a table to
-bench/RESULTS.md.
+bench/RESULTS.md. A bare ``--minutes`` runs no accuracy runs: the emulated link only (``modes``
+is then empty).
 """
 
 from __future__ import annotations
@@ -234,9 +235,14 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
         f"settings; {report['seeds']} seed(s) per cell, mean (population std); accuracy is the "
         "mean of headers on the test split, read once per run. Replay: "
         f"{json.dumps(REPLAY)}; prefetch {PREFETCH}.\n",
-        "| mode | budget | accuracy % | iterations | teacher images | wire MB | s |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if report["modes"]:
+        lines += [
+            "| mode | budget | accuracy % | iterations | teacher images | wire MB | s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines.append("No accuracy runs (`--minutes` with no budget): the emulated link only.")
     for name, mode in report["modes"].items():
         for budget, cell in mode["budgets"].items():
             lines.append(
@@ -266,7 +272,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="everything in a few minutes")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 15.0])
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        nargs="*",
+        default=[5.0, 15.0],
+        help="wall-clock budgets of the accuracy runs; none (a bare --minutes): the link only",
+    )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--calibration-iterations", type=int, default=6)
@@ -319,8 +331,12 @@ def main() -> None:
                 ]
                 budgets[f"{minutes:g} min"] = aggregate(runs)
                 logger.info("%s %g min: %s", name, minutes, budgets[f"{minutes:g} min"]["accuracy"])
-            largest = budgets[f"{max(args.minutes):g} min"]
-            modes[name] = {**{k: v for k, v in largest.items() if k != "runs"}, "budgets": budgets}
+            if budgets:
+                largest = budgets[f"{max(args.minutes):g} min"]
+                modes[name] = {
+                    **{k: v for k, v in largest.items() if k != "runs"},
+                    "budgets": budgets,
+                }
         per_mode = {
             name: wan_comparison(name, addresses, pki, args.wan_iterations, args.wan_rounds)
             for name in args.modes

@@ -73,3 +73,8 @@ def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
     assert "| paper | 5 min | 80.00 (0.00) |" in text
     assert "| paper | 15 min |" in text
     assert "| paper | 1.00 | 0.50 | 0.50 | 2.0 MB |" in text
+    # A link-only run (a bare --minutes) has no accuracy table, and says so.
+    link_only = markdown(argparse.Namespace(quick=False), {**report, "modes": {}})
+    assert "| mode | budget |" not in link_only
+    assert "the emulated link only" in link_only
+    assert "| paper | 1.00 | 0.50 | 0.50 | 2.0 MB |" in link_only
