@@ -61,9 +61,16 @@ def encode(tensor: torch.Tensor, dtype: str | None = None) -> teacher_pb2.Tensor
     if target is None:
         raise InvalidTensor(f"unknown wire dtype {dtype!r}; use one of {sorted(WIRE_DTYPES)}")
     name = wire_name(target)
-    values = tensor.detach().to(device="cpu", dtype=target).contiguous()
-    raw = values.view(torch.uint16) if target is torch.bfloat16 else values
-    array = raw.numpy().astype(_LITTLE_ENDIAN[name], copy=False)
+    values = tensor.detach().to(device="cpu")
+    if target is torch.bfloat16:
+        array = values.to(target).contiguous().view(torch.uint16).numpy()
+    elif values.dtype in (torch.float32, torch.float16):
+        # Cast in numpy (IEEE round to nearest even, as torch), on this thread: see decode.
+        array = values.contiguous().numpy()
+    else:
+        array = values.to(target).contiguous().numpy()
+    with np.errstate(over="ignore"):  # beyond float16's range is inf, as torch casts it
+        array = array.astype(_LITTLE_ENDIAN[name], copy=False)
     return teacher_pb2.Tensor(dtype=name, shape=list(values.shape), data=array.tobytes())
 
 
@@ -116,10 +123,13 @@ def decode(
             f"{message.dtype} needs {elements * itemsize}"
         )
     array = np.frombuffer(message.data, dtype=_LITTLE_ENDIAN[message.dtype])
-    tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     if dtype is torch.bfloat16:
-        tensor = tensor.view(torch.bfloat16)
-    tensor = tensor.reshape(shape)
-    if not bool(torch.isfinite(tensor).all()):
+        # bfloat16 is the high half of a float32: shift it there (numpy has no bfloat16).
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    else:
+        # In numpy, on this thread: torch's conversion would start an intra-op parallel region
+        # on the caller's (often a prefetch lane's) thread, competing with the student's.
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
         raise InvalidTensor(f"{name}: contains NaN or Inf")
-    return tensor.to(torch.float32)
+    return torch.from_numpy(array).reshape(shape)

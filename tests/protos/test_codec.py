@@ -74,3 +74,19 @@ def test_encode_refuses_dtypes_that_may_not_travel() -> None:
         encode(torch.zeros(2, dtype=torch.int64))
     with pytest.raises(InvalidTensor, match="unknown wire dtype"):
         encode(torch.zeros(2), "float8")
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+def test_the_casts_are_torchs_bit_for_bit_from_subnormals_to_overflow(wire: str) -> None:
+    # The codec casts in numpy (off torch's thread pool); the bytes must be torch's own cast's.
+    values = torch.randn(200, 64, generator=torch.Generator().manual_seed(0))
+    values = values * torch.logspace(-9, 6, 64)  # float16 subnormals up to past its range
+    target = getattr(torch, wire)
+    cast = values.to(target)
+    raw = cast.view(torch.uint16) if target is torch.bfloat16 else cast
+    message = encode(values, wire)
+    assert message.data == raw.numpy().tobytes()  # a little-endian host, as CI's
+    finite = torch.isfinite(cast).all(dim=0)
+    assert bool(finite.all()) == (wire != "float16")  # float16 overflows to inf, refused below
+    kept = values[:, finite]
+    assert torch.equal(decode(encode(kept, wire), name="x"), kept.to(target).float())
