@@ -228,12 +228,19 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python bench/federation_cost.py", *sys.argv[1:]])
     kind = "smoke run (--quick: too short to judge the targets)" if args.quick else "full run"
+    if not report["modes"]:
+        kind = "the emulated link only (a bare --minutes)"
     lines = [
         f"\n### Federation cost, {stamp}: {kind}\n",
         f"Command: `{command}`; {report['total_seconds'] / 60:.0f} min in all. Three LeNet-5-BN "
         "teacher nodes (mTLS, loopback, one thread each) on IID thirds; CDFKD-MFS at the demo's "
-        f"settings; {report['seeds']} seed(s) per cell, mean (population std); accuracy is the "
-        "mean of headers on the test split, read once per run. Replay: "
+        + (
+            f"settings; {report['seeds']} seed(s) per cell, mean (population std); accuracy is "
+            "the mean of headers on the test split, read once per run. "
+            if report["modes"]
+            else "settings. "
+        )
+        + "Replay: "
         f"{json.dumps(REPLAY)}; prefetch {PREFETCH}.\n",
     ]
     if report["modes"]:

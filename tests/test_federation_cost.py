@@ -77,4 +77,5 @@ def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
     link_only = markdown(argparse.Namespace(quick=False), {**report, "modes": {}})
     assert "| mode | budget |" not in link_only
     assert "the emulated link only" in link_only
+    assert "seed(s) per cell" not in link_only
     assert "| paper | 1.00 | 0.50 | 0.50 | 2.0 MB |" in link_only
