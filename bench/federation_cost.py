@@ -39,8 +39,10 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -194,10 +196,59 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class ProxyProcess:
+    """``bench/tcp_proxy.py`` emulating the WAN link in its own process, in front of ``upstream``.
+
+    Out of the student's process, the proxy's threads do not compete with the student's for
+    its interpreter (a real link costs the student nothing of the kind). ``total`` is its byte
+    count, known once it has stopped.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.total = 0
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "tcp_proxy.py"),
+                "--upstream",
+                upstream,
+                "--delay-ms",
+                str(WAN_ROUND_TRIP_MS / 2),
+                "--rate-mbit",
+                str(WAN_MBIT),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], 30.0)
+        self.address = self._process.stdout.readline().strip() if ready else ""
+        if not self.address:
+            self._process.kill()
+            raise RuntimeError(f"the proxy in front of {upstream} did not start")
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._process.terminate()
+        out, _ = self._process.communicate(timeout=30)
+        last = out.strip().splitlines()[-1] if out.strip() else "{}"
+        self.total = int(json.loads(last).get("total_bytes", 0))
+
+
 def wan_comparison(
-    mode: str, addresses: list[str], pki: Any, iterations: int, rounds: int
+    mode: str,
+    addresses: list[str],
+    pki: Any,
+    iterations: int,
+    rounds: int,
+    proxy_process: bool = False,
 ) -> dict[str, Any]:
-    """Iterations per second of ``mode`` on loopback and through the emulated link."""
+    """Iterations per second of ``mode`` on loopback and through the emulated link.
+
+    ``proxy_process``: each node's proxy runs in a process of its own, not as threads here.
+    """
     link = Link.wan(WAN_ROUND_TRIP_MS, WAN_MBIT)
     train = train_config(mode, 10**4, 0)
     loopback, emulated, wan_bytes = [], [], 0
@@ -205,14 +256,17 @@ def wan_comparison(
         direct = remote_configs(addresses, pki, mode)
         loopback.append(1.0 / seconds_per_iteration(direct, train, iterations, warmup=1))
         with ExitStack() as stack:
-            proxies = []
+            proxies: list[RecordingProxy | ProxyProcess] = []
             for address in addresses:
                 host, port = address.rsplit(":", 1)
-                proxy = RecordingProxy((host, int(port)), keep=False, link=link)
-                proxies.append(stack.enter_context(proxy))
+                if proxy_process:
+                    proxies.append(stack.enter_context(ProxyProcess(address)))
+                else:
+                    proxy = RecordingProxy((host, int(port)), keep=False, link=link)
+                    proxies.append(stack.enter_context(proxy))
             behind = remote_configs([p.address for p in proxies], pki, mode)
             emulated.append(1.0 / seconds_per_iteration(behind, train, iterations, warmup=1))
-            wan_bytes += sum(p.total for p in proxies)
+        wan_bytes += sum(p.total for p in proxies)
     loopback_rate, emulated_rate = statistics.fmean(loopback), statistics.fmean(emulated)
     return {
         "loopback_it_per_s": loopback_rate,
@@ -259,10 +313,16 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
                 f"{cell['seconds']:.0f} |"
             )
     wan = report["wan"]
+    where = (
+        "each in a process of its own"
+        if wan.get("proxy") == "process"
+        else "as threads of the student's process"
+    )
     lines += [
         "",
         f"Emulated link ({WAN_ROUND_TRIP_MS:g} ms round trip, {WAN_MBIT:g} Mbit/s each way, per "
-        f"node), {report['wan_iterations']} iterations x {report['wan_rounds']} rounds per mode:\n",
+        f"node; the proxies {where}), "
+        f"{report['wan_iterations']} iterations x {report['wan_rounds']} rounds per mode:\n",
         "| mode | loopback it/s | emulated it/s | ratio | bytes per iteration |",
         "|---|---|---|---|---|",
     ]
@@ -291,6 +351,11 @@ def main() -> None:
     parser.add_argument("--calibration-iterations", type=int, default=6)
     parser.add_argument("--wan-iterations", type=int, default=10)
     parser.add_argument("--wan-rounds", type=int, default=2)
+    parser.add_argument(
+        "--proxy-process",
+        action="store_true",
+        help="run each emulated link's proxy in its own process (default: threads here)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -345,7 +410,9 @@ def main() -> None:
                     "budgets": budgets,
                 }
         per_mode = {
-            name: wan_comparison(name, addresses, pki, args.wan_iterations, args.wan_rounds)
+            name: wan_comparison(
+                name, addresses, pki, args.wan_iterations, args.wan_rounds, args.proxy_process
+            )
             for name in args.modes
         }
     headline = "replay_pipelined" if "replay_pipelined" in per_mode else args.modes[0]
@@ -355,6 +422,7 @@ def main() -> None:
         "mode": headline,
         "round_trip_ms": WAN_ROUND_TRIP_MS,
         "mbit_per_s": WAN_MBIT,
+        "proxy": "process" if args.proxy_process else "threads",
         "per_mode": per_mode,
     }
     report["wan_iterations"], report["wan_rounds"] = args.wan_iterations, args.wan_rounds

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import queue
 import random
@@ -331,7 +332,10 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def main() -> None:
-    """Run a proxy until SIGINT or SIGTERM; print its address."""
+    """Run a proxy until SIGINT or SIGTERM; print its address, and at the end its byte count.
+
+    The last line it prints is ``{"total_bytes": N}`` (both directions, all connections).
+    """
     parser = argparse.ArgumentParser(description="a TCP proxy that can emulate a WAN link")
     parser.add_argument("--upstream", required=True, type=_host_port)
     parser.add_argument("--listen", default=("127.0.0.1", 0), type=_host_port)
@@ -354,6 +358,7 @@ def main() -> None:
     with RecordingProxy(args.upstream, keep=False, link=link, listen=args.listen) as proxy:
         print(proxy.address, flush=True)
         stop.wait()
+    print(json.dumps({"total_bytes": proxy.total}), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
 
 import pytest
 
-from bench.federation_cost import MODES, aggregate, markdown, train_config
+from bench.federation_cost import MODES, ProxyProcess, aggregate, markdown, train_config
 
 
 def _run(seed: int, accuracy: float) -> dict:
@@ -79,3 +81,31 @@ def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
     assert "the emulated link only" in link_only
     assert "seed(s) per cell" not in link_only
     assert "| paper | 1.00 | 0.50 | 0.50 | 2.0 MB |" in link_only
+
+
+def test_a_proxy_process_forwards_and_reports_its_bytes() -> None:
+    # A real echo server on loopback (port 0) behind bench/tcp_proxy.py in its own process.
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+
+    def echo() -> None:
+        connection, _ = server.accept()
+        with connection:
+            data = b""
+            while len(data) < 5000:
+                data += connection.recv(65536)
+            connection.sendall(data)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    with ProxyProcess(f"127.0.0.1:{server.getsockname()[1]}") as proxy:
+        host, port = proxy.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(b"x" * 5000)
+            received = b""
+            while len(received) < 5000:
+                received += client.recv(65536)
+    thread.join(timeout=30)
+    server.close()
+    assert received == b"x" * 5000
+    assert proxy.total == 10_000  # both directions, counted by the proxy process
