@@ -11,10 +11,7 @@ process (mTLS, loopback, one torch thread). The student (CDFKD-MFS, the demo's s
 - ``paper``: the paper-exact loop (every student step on a fresh batch asked of every teacher);
 - ``replay``: a replay memory with the answers cached (``[train.replay]``);
 - ``replay_pipelined``: replay, and the teachers' answers fetched ahead (``train.prefetch``);
-- ``replay_pipelined_float16``: the same with the float16 wire;
-- ``replay_early_draws_pipelined_float16``: the same, the student's steps drawing from the
-  memory before the iteration's fresh batch is added (``replay.draw_before_fresh``), so that
-  the fresh batch's query overlaps them.
+- ``replay_pipelined_float16``: the same with the float16 wire.
 
 **Accuracy at a wall-clock budget.** For each mode and budget (5 and 15 minutes by default) and
 each seed, one run is bounded by that many seconds (``run.max_seconds``). Its learning-rate
@@ -86,11 +83,6 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "replay_pipelined_float16": {
         "train": {"replay": REPLAY, "prefetch": PREFETCH},
-        "wire_dtype": "float16",
-    },
-    # The steps draw before the fresh batch is added, so its query overlaps them.
-    "replay_early_draws_pipelined_float16": {
-        "train": {"replay": {**REPLAY, "draw_before_fresh": True}, "prefetch": PREFETCH},
         "wire_dtype": "float16",
     },
 }

@@ -130,12 +130,6 @@ class ReplayConfig(BaseModel):
     size: int = Field(default=4096, ge=2, le=10_000_000, description="samples kept")
     new_batches: int = Field(default=1, ge=1, le=100, description="fresh batches per iteration")
     sampling: Literal["uniform", "newest"] = "uniform"
-    draw_before_fresh: bool = Field(
-        default=False,
-        description="the K steps draw from the memory as it stood before this iteration's "
-        "fresh batches (uniform sampling; the first iteration, with an empty memory, adds "
-        "first): with prefetch, the fresh batches' queries then overlap the student's steps",
-    )
 
 
 class IdealConfig(BaseModel):
@@ -249,8 +243,6 @@ class TrainConfig(BaseModel):
         steps = self.student_steps_per_generator_step
         if replay.sampling == "newest" and replay.new_batches != steps:
             raise ValueError("replay.sampling 'newest' needs new_batches = K, one per student step")
-        if replay.sampling == "newest" and replay.draw_before_fresh:
-            raise ValueError("replay.draw_before_fresh needs sampling 'uniform' (newest is fresh)")
         return self
 
     @model_validator(mode="after")

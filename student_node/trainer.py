@@ -450,8 +450,6 @@ def _replay_steps(
     """The K student steps with a replay memory: fresh batches asked once, steps from memory."""
     replay = config.replay
     assert replay is not None
-    early = _draws_before_fresh(memory, config)
-    batches = _replay_batches(state, memory, config) if early else []
     for _ in range(replay.new_batches):
         images = _student_batch(state, config, None)
         logits, features = _student_answers(teachers, images, config, weights, executor)
@@ -459,16 +457,8 @@ def _replay_steps(
     uses_features = uses_teacher_features(config.method, weights)
     return [
         _student_update(state, images, logits, features if uses_features else None, config, weights)
-        for images, logits, features in (
-            batches if early else _replay_batches(state, memory, config)
-        )
+        for images, logits, features in _replay_batches(state, memory, config)
     ]
-
-
-def _draws_before_fresh(memory: ReplayMemory, config: TrainConfig) -> bool:
-    """Whether this iteration's K batches are drawn before its fresh ones are added."""
-    assert config.replay is not None
-    return config.replay.draw_before_fresh and len(memory) > 0
 
 
 _StudentTerms = tuple[float, float, float, float]
@@ -536,7 +526,13 @@ def _pipelined_iteration(
         return terms, generator_terms
 
     assert config.replay is not None
-    fresh = config.replay.new_batches
+    with Lookahead(lanes, teachers, student_item, config.replay.new_batches, depth) as ahead:
+        for _ in range(config.replay.new_batches):
+            images, answers = ahead.take()
+            assert isinstance(images, Tensor)
+            logits, cached = _split(answers, features)
+            memory.add(images, logits, cached or [None] * len(teachers))
+    batches = _replay_batches(state, memory, config)
 
     def learn_from_memory() -> None:
         for images, logits, cached in batches:
@@ -545,35 +541,6 @@ def _pipelined_iteration(
                     state, images, logits, cached if features else None, config, weights
                 )
             )
-
-    def add_fresh(ahead: Lookahead[Tensor | _GeneratorBatch]) -> None:
-        for _ in range(fresh):
-            images, answers = ahead.take()
-            assert isinstance(images, Tensor)
-            logits, cached = _split(answers, features)
-            memory.add(images, logits, cached or [None] * len(teachers))
-
-    if _draws_before_fresh(memory, config):
-        # Drawn first, so the fresh batches' (and the generator batch's) answers arrive while
-        # the student steps on the memory; the serial loop draws, makes and adds in this order.
-        batches = _replay_batches(state, memory, config)
-
-        def produce(index: int) -> tuple[Tensor | _GeneratorBatch, Ask]:
-            return student_item(index) if index < fresh else generator_item(index)
-
-        count = fresh + (1 if asks_generator else 0)
-        with Lookahead(lanes, teachers, produce, count, depth) as ahead:
-            ahead.prime()
-            learn_from_memory()
-            add_fresh(ahead)
-            if asks_generator:
-                generator_terms = update_generator(ahead)
-        if has_generator and not asks_generator:
-            generator_terms = ideal_generator_step(state, config)
-        return terms, generator_terms
-    with Lookahead(lanes, teachers, student_item, fresh, depth) as ahead:
-        add_fresh(ahead)
-    batches = _replay_batches(state, memory, config)
 
     if not asks_generator:
         learn_from_memory()

@@ -32,10 +32,6 @@ def test_the_issue_modes_are_the_paper_loop_and_the_cheaper_ones() -> None:
     assert piped.replay is not None
     assert piped.prefetch > 0
     assert MODES["replay_pipelined_float16"]["wire_dtype"] == "float16"
-    early = train_config("replay_early_draws_pipelined_float16", 90, seed=0)
-    assert early.replay is not None
-    assert early.replay.draw_before_fresh
-    assert early.prefetch > 0
 
 
 @pytest.mark.parametrize("iterations", [3, 29, 30, 900, 1234])

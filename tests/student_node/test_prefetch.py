@@ -116,20 +116,9 @@ def _assert_same(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
         (Method.KD_REAL, {}, 2),
         (Method.CDFKD_MFS, {"replay": {"size": 64, "new_batches": 2}}, 2),
         (Method.CDFKD, {"replay": {"size": 64, "new_batches": 2, "sampling": "newest"}}, 1),
-        (
-            Method.CDFKD_MFS,
-            {"replay": {"size": 64, "new_batches": 2, "draw_before_fresh": True}},
-            1,
-        ),
-        (Method.CDFKD_MFS, {"replay": {"size": 64, "draw_before_fresh": True}}, 4),
         # IDEAL's generator step asks no teacher: nothing of it may be asked ahead either.
         (Method.CDFKD_MFS, {"generator_objective": "ideal"}, 2),
         (Method.CDFKD_MFS, {"generator_objective": "ideal", "replay": {"size": 64}}, 2),
-        (
-            Method.CDFKD_MFS,
-            {"generator_objective": "ideal", "replay": {"size": 64, "draw_before_fresh": True}},
-            2,
-        ),
     ],
     ids=[
         "paper-2",
@@ -138,11 +127,8 @@ def _assert_same(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
         "kd_real-2",
         "replay-2",
         "replay-newest-1",
-        "replay-early-draws-1",
-        "replay-early-draws-4",
         "ideal-2",
         "ideal-replay-2",
-        "ideal-replay-early-draws-2",
     ],
 )
 def test_prefetch_gives_the_serial_loop_bit_for_bit(

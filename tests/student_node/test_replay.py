@@ -136,7 +136,7 @@ def test_a_run_config_turns_the_memory_on(digits_teachers, tmp_path: Path) -> No
     from cdfkd.coordinator.config import load_run_config
     from tests.helpers import packages, small_run, write_toml
 
-    replay = {"size": 512, "new_batches": 2, "sampling": "uniform", "draw_before_fresh": True}
+    replay = {"size": 512, "new_batches": 2, "sampling": "uniform"}
     path = write_toml(
         tmp_path / "run.toml", small_run(packages(digits_teachers.packages), {"replay": replay})
     )
@@ -145,45 +145,3 @@ def test_a_run_config_turns_the_memory_on(digits_teachers, tmp_path: Path) -> No
     assert config.train.replay.model_dump() == replay
     paper = write_toml(tmp_path / "paper.toml", small_run(packages(digits_teachers.packages)))
     assert load_run_config(paper).train.replay is None
-
-
-def test_drawing_before_the_fresh_batches_learns_from_the_memory_as_it_stood(
-    digits_teachers, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A memory of one batch: with draw_before_fresh each iteration's steps see only the
-    previous iteration's fresh batch (the first iteration, memory empty, adds first)."""
-    from cdfkd.student_node import trainer
-
-    with pytest.raises(ValueError, match="draw_before_fresh needs sampling 'uniform'"):
-        small_config(
-            replay={
-                "size": K * BATCH,
-                "new_batches": K,
-                "sampling": "newest",
-                "draw_before_fresh": True,
-            }
-        )
-    teachers = digits_teachers.load()
-    config = small_config(replay={"size": BATCH, "new_batches": 1, "draw_before_fresh": True})
-    state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
-    learned: list[torch.Tensor] = []
-    update = trainer._student_update  # noqa: SLF001
-
-    def spy(state_, images, *args, **kwargs):  # type: ignore[no-untyped-def]
-        learned.append(images.clone())
-        return update(state_, images, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "_student_update", spy)
-    fresh: list[torch.Tensor] = []
-    for _ in range(3):
-        trainer.run_iteration(state, teachers, config)
-        assert state.replay is not None
-        fresh.append(state.replay.newest(BATCH)[0].clone())
-    in_batch = [{bytes(row.numpy()) for row in batch} for batch in fresh]
-    steps = [learned[i * K : (i + 1) * K] for i in range(3)]
-    # Iteration 1 added first; iterations 2 and 3 drew only the iteration before's images.
-    for index, iteration in enumerate(steps):
-        source = in_batch[0] if index == 0 else in_batch[index - 1]
-        for images in iteration:
-            assert all(bytes(row.numpy()) in source for row in images)
-    assert not in_batch[1] & in_batch[2]
