@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.privacy import SHARED_SETTINGS  # noqa: E402
+from bench.privacy import SHARED_SETTINGS, read_table  # noqa: E402
 from bench.results import append_section  # noqa: E402
 
 
@@ -43,7 +43,6 @@ def aggregate(tables: list[dict[str, Any]]) -> dict[str, Any]:
     if not tables:
         raise ValueError("no tables")
     for table in tables:
-        table.setdefault("distill_seed", 0)  # tables from before --distill-seed used 0
         if not table.get("complete", False):
             raise ValueError(f"the table of seed {table['distill_seed']} is not complete")
     settings = [k for k in SHARED_SETTINGS if k != "distill_seed"]
@@ -141,7 +140,7 @@ def main() -> None:
     parser.add_argument("tables", type=Path, nargs="+", metavar="TABLE.json")
     args = parser.parse_args()
     try:
-        report = aggregate([json.loads(path.read_text()) for path in args.tables])
+        report = aggregate([read_table(path) for path in args.tables])
     except (ValueError, OSError, KeyError) as exc:
         raise SystemExit(f"epsilon_seeds: {exc}") from exc
     report["tables"] = [str(p) for p in args.tables]

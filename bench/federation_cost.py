@@ -265,10 +265,10 @@ def wan_comparison(
         with ExitStack() as stack:
             proxies: list[RecordingProxy | ProxyProcess] = []
             for address in addresses:
-                host, port = address.rsplit(":", 1)
                 if proxy_process:
                     proxies.append(stack.enter_context(ProxyProcess(address)))
                 else:
+                    host, port = address.rsplit(":", 1)
                     proxy = RecordingProxy((host, int(port)), keep=False, link=link)
                     proxies.append(stack.enter_context(proxy))
             behind = remote_configs([p.address for p in proxies], pki, mode)

@@ -351,14 +351,20 @@ SHARED_SETTINGS = (
 )
 
 
+def read_table(path: Path) -> dict[str, Any]:
+    """An ``epsilon_table.json``; tables from before ``--distill-seed`` used seed 0."""
+    table = json.loads(path.read_text())
+    table.setdefault("distill_seed", 0)
+    return table
+
+
 def reused_row(paths: list[Path], report: dict, epsilon: float) -> dict | None:
     """``epsilon``'s row from the first table in ``paths`` that has one (settings as ours)."""
     wanted = None if math.isinf(epsilon) else epsilon
     for path in paths:
         if not path.exists():
             continue
-        earlier = json.loads(path.read_text())
-        earlier.setdefault("distill_seed", 0)  # tables from before --distill-seed used 0
+        earlier = read_table(path)
         differ = [k for k in SHARED_SETTINGS if earlier.get(k) != report[k]]
         if differ:
             raise SystemExit(f"--rows-from {path}: other settings ({', '.join(differ)})")
@@ -384,7 +390,7 @@ def epsilon_markdown(args: argparse.Namespace, report: dict) -> str:
         f"(PRV accountant); epsilon inf: the non-private LeNet-5-BN teachers "
         f"({report['teacher_epochs_non_private']} epochs). CDFKD-MFS, "
         f"{report['distill_iterations']} distillation iterations each (seed "
-        f"{report.get('distill_seed', 0)}), in-process teachers; "
+        f"{report['distill_seed']}), in-process teachers; "
         "accuracy on the 10,000 test images."
         + (
             " Rows taken from another run of the same settings (`--rows-from`): "
