@@ -348,7 +348,7 @@ def _distill(
             "computed here; the owners train the attention and evaluate with 'cdfkd flower run'"
         )
 
-    state = init_state(train_config, infos, device, space.image_shape)
+    state = init_state(train_config, infos, device, space.image_shape, space.normalization)
     fingerprint = config_fingerprint(train_config)
     loaded = load_checkpoint(found, state, fingerprint) if found is not None else {}
     meter = TeacherMeter(teachers, loaded.get(USAGE_KEY))

@@ -54,13 +54,21 @@ class StudentConfig(BaseModel):
         return self
 
 
+GeneratorOutput = Literal["batchnorm", "pixel_range"]
+
+
 class GeneratorConfig(BaseModel):
-    """The generator's size (METHOD.md 2: latent 256; width is the authors' ngf)."""
+    """The generator's size (METHOD.md 2: latent 256; width is the authors' ngf) and output.
+
+    ``output`` "batchnorm" is the authors' last layer (a BN without affine; it bounds no
+    pixel); "pixel_range" keeps every pixel in [0, 1] (``student_node/generator.py``).
+    """
 
     model_config = _FROZEN
 
     latent_dim: int = Field(default=256, ge=1, le=4096)
     width: int = Field(default=16, ge=1, le=512)
+    output: GeneratorOutput = "batchnorm"
 
 
 class LossWeights(BaseModel):

@@ -39,7 +39,8 @@ from cdfkd.student_node.objectives import (
 from cdfkd.student_node.prefetch import Ask, Lookahead, TeacherLanes
 from cdfkd.student_node.replay import Batch, ReplayMemory
 from cdfkd.student_node.teachers.protocol import Teacher, TeacherInfo, TeacherOutputs
-from cdfkd.student_node.teachers.run_space import check_channels
+from cdfkd.student_node.teachers.run_space import check_channels, default_normalization
+from cdfkd.teacher_node.datasets import Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +144,24 @@ def init_state(
     infos: Sequence[TeacherInfo],
     device: torch.device,
     image_shape: tuple[int, int, int] | None = None,
+    normalization: Normalization | None = None,
 ) -> TrainState:
     """Fresh student, generator, optimizers and schedulers, initialized from ``config.seed``.
 
-    ``image_shape`` is the run image shape the generator makes (default: the first teacher's
-    input shape, as in a homogeneous federation).
+    ``image_shape`` and ``normalization`` are the run image space the generator makes
+    (defaults: the first teacher's input shape and the teachers' normalization, as in a
+    homogeneous federation); the normalization matters to a "pixel_range" generator only.
     """
+    normalization = normalization or default_normalization(infos)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         student = build_student(config, infos).to(device)
         generator = Generator(
-            config.generator.latent_dim, image_shape or infos[0].input_shape, config.generator.width
+            config.generator.latent_dim,
+            image_shape or infos[0].input_shape,
+            config.generator.width,
+            config.generator.output,
+            (normalization.mean, normalization.std),
         ).to(device)
         # NHWC weights make its convolutions about twice as fast on CPU (bench/RESULTS.md).
         generator = generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -31,10 +31,18 @@ def _all_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_resume_gives_exactly_the_uninterrupted_state(digits_teachers, tmp_path: Path) -> None:
+@pytest.mark.parametrize("output", ["batchnorm", "pixel_range"])
+def test_resume_gives_exactly_the_uninterrupted_state(
+    digits_teachers, tmp_path: Path, output: str
+) -> None:
     teachers = digits_teachers.load()
     infos = [t.info() for t in teachers]
-    config = small_config(iterations_per_epoch=2, epochs=3, optimizer={"milestones": (2,)})
+    config = small_config(
+        iterations_per_epoch=2,
+        epochs=3,
+        optimizer={"milestones": (2,)},
+        generator={"latent_dim": 32, "width": 8, "output": output},
+    )
     fingerprint = config_fingerprint(config)
 
     straight = init_state(config, infos, torch.device("cpu"))

@@ -83,8 +83,16 @@ def _reference_loss(
     return adv + bn
 
 
-@pytest.mark.parametrize("method", [Method.CDFKD_MFS, Method.CDFKD, Method.DFAD])
-def test_vjp_generator_gradient_equals_end_to_end_autograd(method: Method) -> None:
+@pytest.mark.parametrize(
+    ("method", "output"),
+    [
+        (Method.CDFKD_MFS, "batchnorm"),
+        (Method.CDFKD, "batchnorm"),
+        (Method.DFAD, "batchnorm"),
+        (Method.DFAD, "pixel_range"),
+    ],
+)
+def test_vjp_generator_gradient_equals_end_to_end_autograd(method: Method, output: str) -> None:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -100,7 +108,7 @@ def test_vjp_generator_gradient_equals_end_to_end_autograd(method: Method) -> No
             batch_size=8,
             weights=weights,
             student=StudentConfig(widths=(4, 8, 8)),
-            generator=GeneratorConfig(latent_dim=16, width=4),
+            generator=GeneratorConfig(latent_dim=16, width=4, output=output),
         )
         state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
         state.student.double()

@@ -111,6 +111,44 @@ def test_generator_makes_images_of_the_input_shape(shape: tuple[int, int, int]) 
     assert images.mean(dim=(0, 2, 3)).abs().max() < 1e-4
 
 
+def test_a_pixel_range_generator_makes_only_pixels_in_the_unit_range() -> None:
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    generator = Generator(64, (3, 20, 20), 8, "pixel_range", (mean, std))
+    with torch.no_grad():
+        for parameter in generator.parameters():
+            parameter.mul_(50)  # saturate: what an adversary can push the weights to
+    images = generator(100 * torch.randn(64, 64))
+    pixels = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-6
+    assert pixels.max() <= 1 + 1e-6
+    assert pixels.min() < 0.01
+    assert pixels.max() > 0.99
+    # The normalization is the run's, not a trained value: not in the state dict.
+    keys = set(generator.state_dict())
+    assert keys == set(Generator(64, (3, 20, 20), 8).state_dict()) - {
+        "out.2.running_mean",
+        "out.2.running_var",
+        "out.2.num_batches_tracked",
+    }
+
+
+def test_the_authors_generator_output_bounds_no_pixel() -> None:
+    """The affine-free BN standardizes the batch: a sparse minority lands far from the rest."""
+    generator = Generator(64, (1, 16, 16), 8)
+    last = generator.out[2]
+    tanh_output = torch.full((8, 1, 16, 16), -1.0)
+    tanh_output[0, 0, 0, :3] = 1.0  # 3 of 2,048 pixels bright
+    images = last(tanh_output)
+    assert images.max() > 20  # standard deviations: no image of [0, 1] pixels is there
+
+
+def test_a_pixel_range_generator_needs_the_normalization() -> None:
+    with pytest.raises(ValueError, match="normalization"):
+        Generator(64, (1, 16, 16), 8, "pixel_range")
+    with pytest.raises(ValueError, match="batchnorm"):
+        TrainConfig.model_validate({"generator": {"output": "clamp"}})
+
+
 def test_attention_weights_are_a_softmax_over_headers() -> None:
     aggregator = AttentionAggregator(10)
     logits = torch.randn(3, 4, 10)
