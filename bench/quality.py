@@ -16,9 +16,10 @@ Protocol (``bench/quality_protocol.py`` holds its pure parts):
 3. Cells (per federation): ``{cdfkd_mfs, cdfkd} x {mfs, simple_multi_header}``, ``dfad`` on
    the single head and on a single head of the MFS student's inference size, ``kd_real`` on
    both multi-header families.
-4. Tuning: every cell runs the same grid (student lr, generator lr, BN-prior weight; DFAD also
-   its authors' recipes) for ``--tune-iterations``, one Ray Tune trial per point (local Ray,
-   one trial at a time); the best validation accuracy wins.
+4. Tuning: every cell runs the same grid (student lr, generator lr, BN-prior weight, the
+   generator's output layer; DFAD also its authors' recipes) for ``--tune-iterations``, one
+   Ray Tune trial per point (local Ray, one trial at a time); the best validation accuracy
+   wins.
 5. Final: the winner runs ``--iterations`` for each of ``--seeds`` seeds; accuracy on the test
    split, mean and standard deviation over seeds.
 

@@ -38,25 +38,52 @@ def test_every_generator_method_gets_the_same_grid_and_dfad_its_authors_recipes(
     grid = Grid()
     mfs = settings_for(Method.CDFKD_MFS, grid)
     assert settings_for(Method.CDFKD, grid) == mfs
-    assert len(mfs) == 8
-    assert {(s.student_lr, s.generator_lr, s.bn) for s in mfs} == {
-        (a, b, c) for a in (0.1, 0.05) for b in (1e-3, 2e-3) for c in (0.0, 0.1)
+    assert len(mfs) == 16
+    assert {(s.student_lr, s.generator_lr, s.bn, s.generator_output) for s in mfs} == {
+        (a, b, c, d)
+        for a in (0.1, 0.05)
+        for b in (1e-3, 2e-3)
+        for c in (0.0, 0.1)
+        for d in ("batchnorm", "pixel_range")
     }
     dfad = settings_for(Method.DFAD, grid)
-    # The authors' recipe (0.1, 1e-3, no BN prior, wd 5e-4) is a grid point, now named;
-    # their lr 0.01 / wd 1e-4 recipe comes on top.
-    assert len(dfad) == 9
+    # The authors' recipe (0.1, 1e-3, no BN prior, wd 5e-4, their generator) is a grid
+    # point, now named; their lr 0.01 / wd 1e-4 recipe comes on top.
+    assert len(dfad) == 17
     assert {s.recipe for s in dfad} >= {"dfad_authors", "dfad_authors_lr0.01_wd1e-4"}
-    grid_points = {(s.student_lr, s.generator_lr, s.bn, s.student_weight_decay) for s in mfs}
-    assert {(s.student_lr, s.generator_lr, s.bn, s.student_weight_decay) for s in dfad} == (
-        grid_points | {(0.01, 1e-3, 0.0, 1e-4)}
-    )
+    authors = next(s for s in dfad if s.recipe == "dfad_authors")
+    assert (authors.student_lr, authors.bn, authors.generator_output) == (0.1, 0.0, "batchnorm")
+
+    def point(s: Setting) -> tuple:
+        return (s.student_lr, s.generator_lr, s.bn, s.student_weight_decay, s.generator_output)
+
+    assert {point(s) for s in dfad} == {point(s) for s in mfs} | {
+        (0.01, 1e-3, 0.0, 1e-4, "batchnorm")
+    }
     kd = settings_for(Method.KD_REAL, grid)
-    assert [(s.student_lr, s.generator_lr, s.bn) for s in kd] == [
-        (0.1, None, None),
-        (0.05, None, None),
+    assert [(s.student_lr, s.generator_lr, s.bn, s.generator_output) for s in kd] == [
+        (0.1, None, None, None),
+        (0.05, None, None, None),
     ]
     assert len({s.key for s in dfad}) == len(dfad)
+    # The authors' generator keeps the folder names runs were cached under before.
+    assert (
+        Setting(0.1, 1e-3, 0.1, generator_output="batchnorm").key
+        == "slr0.1_wd0.0005_glr0.001_bn0.1"
+    )
+
+
+def test_a_setting_gives_the_run_its_generator_output() -> None:
+    cell = build_cells((39, 78, 156))[0]
+    for output in ("batchnorm", "pixel_range"):
+        settings = train_settings(
+            cell, Setting(0.1, 1e-3, 0.1, generator_output=output), Budget(50), 0
+        )
+        config = TrainConfig.model_validate(settings)
+        assert config.generator.output == output
+        assert config.generator.latent_dim == 256  # the base settings are kept beside it
+    kd = train_settings(build_cells((39, 78, 156))[-1], Setting(0.1, None, None), Budget(50), 0)
+    assert "output" not in kd.get("generator", {})
 
 
 def test_cells_separate_objective_and_student() -> None:
