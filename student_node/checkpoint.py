@@ -45,10 +45,24 @@ _LATER_FIELDS: dict[str, object] = {
 }
 
 
+#: The same for fields added later inside a section: ``{section: {field: default}}``.
+_LATER_SECTION_FIELDS: dict[str, dict[str, object]] = {
+    "generator": {"output": "batchnorm"},
+}
+
+
 def config_fingerprint(config: TrainConfig) -> str:
     """sha256 of every config field that changes the math of training."""
-    unset = {name for name, default in _LATER_FIELDS.items() if getattr(config, name) == default}
-    data = config.model_dump_json(exclude=_NON_MATH_FIELDS | unset)
+    exclude: dict[str, Any] = {name: True for name in _NON_MATH_FIELDS}
+    exclude |= {
+        name: True for name, default in _LATER_FIELDS.items() if getattr(config, name) == default
+    }
+    for section, fields in _LATER_SECTION_FIELDS.items():
+        value = getattr(config, section)
+        unset = {name for name, default in fields.items() if getattr(value, name) == default}
+        if unset:
+            exclude[section] = unset
+    data = config.model_dump_json(exclude=exclude)
     return hashlib.sha256(data.encode()).hexdigest()
 
 

@@ -77,6 +77,23 @@ def test_a_different_config_is_refused(digits_teachers, tmp_path: Path) -> None:
         load_checkpoint(path, state, config_fingerprint(other))
 
 
+def test_checkpoints_of_earlier_code_keep_their_fingerprint() -> None:
+    """Fields added later leave the fingerprint alone at their defaults (values of 081ccd2)."""
+    from cdfkd.student_node.config import TrainConfig
+
+    assert config_fingerprint(TrainConfig()) == (
+        "4cebaadc185f17d07d07db4683dbb1f264b0ffedf9fb30f8119c1fabba048dc5"
+    )
+    dfad = TrainConfig(method="dfad", generator={"latent_dim": 64, "width": 4})
+    assert config_fingerprint(dfad) == (
+        "807d7a087c0bbded33809e09284e70133a9ae290a5501fc52398584951729295"
+    )
+    bounded = dfad.model_copy(
+        update={"generator": dfad.generator.model_copy(update={"output": "pixel_range"})}
+    )
+    assert config_fingerprint(bounded) != config_fingerprint(dfad)
+
+
 def test_garbage_and_pickles_are_refused(digits_teachers, tmp_path: Path) -> None:
     teachers = digits_teachers.load()
     config = small_config()
