@@ -21,7 +21,9 @@ maximum, the share outside [0, 1]), the largest |logit| of the teachers' mean on
 student's agreement with that mean, and the student's accuracy on the validation images. The
 test split is not read: this is a diagnosis, and nothing here chooses a setting for the
 quality tables. Runs go ``--workers`` at a time, one thread each. Writes
-DIR/dfad_diagnosis.json and appends a table to bench/RESULTS.md.
+DIR/dfad_diagnosis.json, DIR/curves.png (the validation accuracy of every run),
+DIR/samples/VARIANT_seedS.png (32 of the probe's images at the end, each min-max scaled) and
+appends a table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
 from bench.results import append_section  # noqa: E402
+from cdfkd.coordinator.report import save_image_grid  # noqa: E402
 from cdfkd.student_node.config import LossWeights, Method, TrainConfig  # noqa: E402
 from cdfkd.student_node.evaluate import evaluate_student  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
@@ -85,6 +88,18 @@ def variant_config(
     )
 
 
+def probe_images(state: TrainState) -> torch.Tensor:
+    """The probe's generated images (standardized), made as training makes them."""
+    sampler = copy.deepcopy(state.generator).train()  # batch-statistics BN; stats untouched
+    latent = torch.randn(
+        PROBE_SAMPLES,
+        sampler.latent_dim,
+        generator=torch.Generator().manual_seed(PROBE_SEED),
+    )
+    with torch.no_grad():
+        return sampler(latent)
+
+
 def probe(
     state: TrainState,
     teachers: list[RunSpaceTeacher],
@@ -92,15 +107,9 @@ def probe(
     validation: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, float]:
     """What the generator makes now, what the teachers say of it, how the student does."""
-    sampler = copy.deepcopy(state.generator).train()  # as training samples; stats untouched
-    latent = torch.randn(
-        PROBE_SAMPLES,
-        sampler.latent_dim,
-        generator=torch.Generator().manual_seed(PROBE_SEED),
-    )
+    images = probe_images(state)
+    pixels = space.normalization.invert(images)
     with torch.no_grad():
-        images = sampler(latent)
-        pixels = space.normalization.invert(images)
         target = torch.stack(
             [t.query(images, features=False, bn_loss=False).logits for t in teachers]
         ).mean(0)
@@ -142,6 +151,11 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         run_iteration(state, teachers, config)
         if iteration % spec["probe_every"] == 0 or iteration == spec["iterations"]:
             probes.append({"iteration": iteration, **probe(state, teachers, space, validation)})
+    if "samples" in spec:  # what the generator ends up making (each image min-max scaled)
+        path = Path(spec["samples"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = space.normalization.invert(probe_images(state)[:32])
+        save_image_grid(pixels, path)
     return {
         "variant": spec["variant"],
         "seed": spec["seed"],
@@ -174,6 +188,32 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "runs": mine,
         }
     return variants
+
+
+def plot_curves(variants: dict[str, Any], path: Path) -> None:
+    """Validation accuracy against the iteration, a line per run, a colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for colour, (name, variant) in enumerate(variants.items()):
+        for index, run in enumerate(variant["runs"]):
+            axis.plot(
+                [p["iteration"] for p in run["probes"]],
+                [100 * p["validation_accuracy"] for p in run["probes"]],
+                color=f"C{colour}",
+                lw=1,
+                label=name if index == 0 else None,
+            )
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("validation accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
@@ -240,6 +280,7 @@ def main() -> None:
             "batch_size": 32 if args.quick else 128,
             "teachers": [str(p) for p in packages],
             "validation": str(data.validation / "test.npz"),
+            "samples": str(out / "samples" / f"{variant}_seed{seed}.png"),
         }
         for seed in range(2 if args.quick else args.seeds)
         for variant in args.variants
@@ -261,6 +302,7 @@ def main() -> None:
         "total_seconds": round(time.monotonic() - started, 1),
     }
     (out / "dfad_diagnosis.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(report["variants"], out / "curves.png")
     command = "python bench/dfad_diagnosis.py " + shlex.join(sys.argv[1:])
     text = markdown(report, command)
     print(text)

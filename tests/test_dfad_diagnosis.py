@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.dfad_diagnosis import VARIANTS, markdown, run_variant, summarize, variant_config
+from bench.dfad_diagnosis import (
+    VARIANTS,
+    markdown,
+    plot_curves,
+    run_variant,
+    summarize,
+    variant_config,
+)
 from bench.quality import _write_npz
 from cdfkd.student_node.config import Method
 from tests.helpers import untrained_lenet_package
@@ -47,10 +54,18 @@ def test_runs_probe_what_the_generator_makes(tmp_path: Path) -> None:
         "validation": str(tmp_path / "validation.npz"),
     }
     runs = [
-        run_variant({**common, "variant": variant, "seed": seed})
+        run_variant(
+            {
+                **common,
+                "variant": variant,
+                "seed": seed,
+                "samples": str(tmp_path / "samples" / f"{variant}_seed{seed}.png"),
+            }
+        )
         for variant in ("authors", "pixel_range")
         for seed in (0, 1)
     ]
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 4
     for run in runs:
         assert [p["iteration"] for p in run["probes"]] == [0, 1, 2]
         assert run["accuracy"] == run["probes"][-1]["validation_accuracy"]
@@ -64,6 +79,8 @@ def test_runs_probe_what_the_generator_makes(tmp_path: Path) -> None:
     variants = summarize(runs)
     assert list(variants) == ["authors", "pixel_range"]
     assert variants["authors"]["seeds"] == [0, 1]
+    plot_curves(variants, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     assert variants["authors"]["per_seed"] == [
         r["accuracy"] for r in runs if r["variant"] == "authors"
     ]
