@@ -29,7 +29,6 @@ appends a table to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import multiprocessing
@@ -48,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
 from bench.results import append_section  # noqa: E402
-from cdfkd.coordinator.report import save_image_grid  # noqa: E402
+from cdfkd.coordinator.report import generator_samples, save_image_grid  # noqa: E402
 from cdfkd.student_node.config import LossWeights, Method, TrainConfig  # noqa: E402
-from cdfkd.student_node.evaluate import evaluate_student  # noqa: E402
+from cdfkd.student_node.evaluate import evaluate_student, header_logits  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 from cdfkd.student_node.teachers.run_space import (  # noqa: E402
     RunImageSpace,
@@ -90,14 +89,9 @@ def variant_config(
 
 def probe_images(state: TrainState) -> torch.Tensor:
     """The probe's generated images (standardized), made as training makes them."""
-    sampler = copy.deepcopy(state.generator).train()  # batch-statistics BN; stats untouched
-    latent = torch.randn(
-        PROBE_SAMPLES,
-        sampler.latent_dim,
-        generator=torch.Generator().manual_seed(PROBE_SEED),
+    return generator_samples(
+        state.generator, state.generator.latent_dim, PROBE_SAMPLES, seed=PROBE_SEED
     )
-    with torch.no_grad():
-        return sampler(latent)
 
 
 def probe(
@@ -113,18 +107,14 @@ def probe(
         target = torch.stack(
             [t.query(images, features=False, bn_loss=False).logits for t in teachers]
         ).mean(0)
-        state.student.eval()
-        student = state.student(images).logits[0]
-        state.student.train()
-    accuracy = evaluate_student(state.student, *validation).mean
-    state.student.train()
+    student = header_logits(state.student, images)[0]  # eval mode, the mode then restored
     return {
         "pixel_min": float(pixels.min()),
         "pixel_max": float(pixels.max()),
         "outside_unit_range": float(((pixels < 0) | (pixels > 1)).float().mean()),
         "teacher_max_abs_logit": float(target.abs().max()),
         "agreement": float((student.argmax(1) == target.argmax(1)).float().mean()),
-        "validation_accuracy": accuracy,
+        "validation_accuracy": evaluate_student(state.student, *validation).mean,
     }
 
 
@@ -235,12 +225,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in report["variants"].items():
-        std = v["accuracy_std"]
-        spread = (
-            f"{100 * v['accuracy_mean']:.2f} ± {100 * std:.2f}"
-            if std is not None
-            else (f"{100 * v['accuracy_mean']:.2f}")
-        )
+        spread = f"{100 * v['accuracy_mean']:.2f}"
+        if v["accuracy_std"] is not None:
+            spread += f" ± {100 * v['accuracy_std']:.2f}"
         p = v["last_probe_mean"]
         lines.append(
             f"| {name} | {v['generator_output']} | {v['bn']:g} | {spread} | "

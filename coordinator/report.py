@@ -250,13 +250,15 @@ def _accuracy_table(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def generator_samples(generator: torch.nn.Module, latent_dim: int, count: int) -> Tensor:
-    """``count`` samples as training sees them (batch-statistics BN), with a fixed seed.
+def generator_samples(
+    generator: torch.nn.Module, latent_dim: int, count: int, seed: int = 1234
+) -> Tensor:
+    """``count`` samples as training sees them (batch-statistics BN), latents from ``seed``.
 
     A copy of ``generator`` makes them, so its running statistics stay untouched.
     """
     sampler = copy.deepcopy(generator).train()
     device = next(sampler.parameters()).device
-    latent = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(1234))
+    latent = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return sampler(latent.to(device))

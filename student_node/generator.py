@@ -94,7 +94,6 @@ class Generator(nn.Module):
                 last = PixelRange(*normalization)
             case unknown:
                 assert_never(unknown)
-        self.output = output
         self.out = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), last)
 
     def forward(self, latent: Tensor) -> Tensor:
