@@ -144,9 +144,14 @@ def test_a_node_down_past_the_timeout_checkpoints_and_names_it(
 
 
 def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> None:
+    # One intra-op thread: the killed part runs in a subprocess and the rest in this one, and
+    # with two threads two processes disagree in the last bits in about one run of six (README,
+    # "Determinism"); CI's stop 26 failed on exactly that.
     config = write_toml(
         tmp_path / "run.toml",
-        small_run(packages(digits_teachers.packages), {"epochs": 5}, checkpoint_every=1),
+        small_run(
+            packages(digits_teachers.packages), {"epochs": 5}, checkpoint_every=1, threads=1
+        ),
     )
     out = tmp_path / "out"
     command = [
