@@ -149,9 +149,7 @@ def test_a_killed_driver_resumes_exactly(digits_teachers, tmp_path: Path) -> Non
     # "Determinism"); CI's stop 26 failed on exactly that.
     config = write_toml(
         tmp_path / "run.toml",
-        small_run(
-            packages(digits_teachers.packages), {"epochs": 5}, checkpoint_every=1, threads=1
-        ),
+        small_run(packages(digits_teachers.packages), {"epochs": 5}, checkpoint_every=1, threads=1),
     )
     out = tmp_path / "out"
     command = [
