@@ -48,6 +48,7 @@ _LATER_FIELDS: dict[str, object] = {
 #: The same for fields added later inside a section: ``{section: {field: default}}``.
 _LATER_SECTION_FIELDS: dict[str, dict[str, object]] = {
     "generator": {"output": "batchnorm"},
+    "replay": {"keep_generator_batch": False},
 }
 
 
@@ -59,6 +60,8 @@ def config_fingerprint(config: TrainConfig) -> str:
     }
     for section, fields in _LATER_SECTION_FIELDS.items():
         value = getattr(config, section)
+        if value is None:  # an optional section that is off
+            continue
         unset = {name for name, default in fields.items() if getattr(value, name) == default}
         if unset:
             exclude[section] = unset

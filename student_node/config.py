@@ -131,13 +131,36 @@ class ReplayConfig(BaseModel):
     the answers asked in the same order). The generator step is unchanged (it needs the
     teachers' input gradients on its own fresh batch; with ``generator_objective = "ideal"``
     it asks no teacher at all).
+
+    ``keep_generator_batch`` also adds the generator step's batch, which the teachers are
+    asked about anyway, to the memory with their answers (its Query then also asks for the
+    features where the student loss uses them): one more fresh batch per iteration at no
+    teacher image. With it ``new_batches`` may be 0, so each iteration costs a teacher two
+    batches (the generator step's Query and input gradient) instead of ``new_batches`` + 2;
+    an iteration that finds the memory empty (a run's first) then asks one fresh batch.
     """
 
     model_config = _FROZEN
 
     size: int = Field(default=4096, ge=2, le=10_000_000, description="samples kept")
-    new_batches: int = Field(default=1, ge=1, le=100, description="fresh batches per iteration")
+    new_batches: int = Field(default=1, ge=0, le=100, description="fresh batches per iteration")
     sampling: Literal["uniform", "newest"] = "uniform"
+    keep_generator_batch: bool = Field(
+        default=False, description="the generator step's batch and answers join the memory"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplayConfig:
+        if self.new_batches == 0 and not self.keep_generator_batch:
+            raise ValueError(
+                "replay.new_batches 0 needs keep_generator_batch: the memory would get nothing"
+            )
+        if self.keep_generator_batch and self.sampling == "newest":
+            raise ValueError(
+                "replay.keep_generator_batch needs sampling 'uniform': 'newest' is the paper's "
+                "loop, one fresh batch per student step"
+            )
+        return self
 
 
 class IdealConfig(BaseModel):
@@ -243,10 +266,16 @@ class TrainConfig(BaseModel):
             return self
         if self.method is Method.KD_REAL:
             raise ValueError("replay needs generated images: kd_real learns from real ones")
-        if replay.size < replay.new_batches * self.batch_size:
+        fresh = max(replay.new_batches, 1)
+        if replay.size < fresh * self.batch_size:
             raise ValueError(
                 f"replay.size {replay.size} is smaller than one iteration's fresh samples "
-                f"({replay.new_batches} x batch_size {self.batch_size})"
+                f"({fresh} x batch_size {self.batch_size})"
+            )
+        if replay.keep_generator_batch and self.generator_objective == "ideal":
+            raise ValueError(
+                "replay.keep_generator_batch needs the teachers' answers to the generator's "
+                "batch: generator_objective 'ideal' asks them nothing"
             )
         steps = self.student_steps_per_generator_step
         if replay.sampling == "newest" and replay.new_batches != steps:

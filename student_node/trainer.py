@@ -315,14 +315,37 @@ def _generator_batch(state: TrainState, config: TrainConfig) -> _GeneratorBatch:
     return _GeneratorBatch(images, leaf, leaf.detach())
 
 
-def _generator_query(teacher: Teacher, images: Tensor, bn_weight: float) -> TeacherOutputs:
-    """The generator step's Query: logits, and R(x) where weighted and shared."""
+def _generator_query(
+    teacher: Teacher, images: Tensor, bn_weight: float, features: bool
+) -> TeacherOutputs:
+    """The generator step's Query: logits, and R(x) where weighted and shared.
+
+    Also features where the batch joins the replay memory and L_S uses them (as
+    :func:`_student_query`).
+    """
+    info = teacher.info()
     return teacher.query(
         images,
-        features=False,
-        bn_loss=bn_weight != 0.0 and "bn_loss" in teacher.info().allowed_outputs,
+        features=features and "features" in info.allowed_outputs,
+        bn_loss=bn_weight != 0.0 and "bn_loss" in info.allowed_outputs,
         keep_for_grad=True,  # its input_grad names the batch, not resends it
     )
+
+
+def _keeps_generator_batch(config: TrainConfig) -> bool:
+    return config.replay is not None and config.replay.keep_generator_batch
+
+
+def _generator_features(config: TrainConfig, weights: LossWeights) -> bool:
+    """Whether the generator step's Query asks for features: for the memory, where L_S uses them."""
+    return _keeps_generator_batch(config) and uses_teacher_features(config.method, weights)
+
+
+def _fresh_batches(memory: ReplayMemory, config: TrainConfig) -> int:
+    """This iteration's fresh batches: ``new_batches``, or one while the memory is empty."""
+    assert config.replay is not None
+    new = config.replay.new_batches
+    return new if new > 0 or len(memory) > 0 else 1
 
 
 def generator_step(
@@ -344,8 +367,9 @@ def generator_step(
         return ideal_generator_step(state, config)
     batch = _generator_batch(state, config)
     bn_weight = weights.bn / len(teachers)
+    features = _generator_features(config, weights)
     answers: list[TeacherOutputs] = _fan_out(
-        executor, lambda t: _generator_query(t, batch.frozen, bn_weight), teachers
+        executor, lambda t: _generator_query(t, batch.frozen, bn_weight, features), teachers
     )
     return _generator_update(state, teachers, batch, answers, config, weights, executor)
 
@@ -387,6 +411,14 @@ def _generator_update(
     _require_finite(grad_images, "generator input gradient", state.iteration)
     images.backward(grad_images)
     state.generator_optimizer.step()
+    if _keeps_generator_batch(config):
+        assert state.replay is not None
+        features = _generator_features(config, weights)
+        state.replay.add(
+            frozen,
+            [a.logits for a in answers],
+            [a.features for a in answers] if features else [None] * len(answers),
+        )
     return ((adversarial + bn).item(), adversarial.item(), bn.item())
 
 
@@ -456,9 +488,7 @@ def _replay_steps(
     executor: Executor | None,
 ) -> list[tuple[float, float, float, float]]:
     """The K student steps with a replay memory: fresh batches asked once, steps from memory."""
-    replay = config.replay
-    assert replay is not None
-    for _ in range(replay.new_batches):
+    for _ in range(_fresh_batches(memory, config)):
         images = _student_batch(state, config, None)
         logits, features = _student_answers(teachers, images, config, weights, executor)
         memory.add(images, logits, features or [None] * len(teachers))
@@ -505,9 +535,11 @@ def _pipelined_iteration(
         images = _student_batch(state, config, real_images)
         return images, lambda t: _student_query(t, images, features)
 
+    generator_features = _generator_features(config, weights)
+
     def generator_item(index: int) -> tuple[Tensor | _GeneratorBatch, Ask]:
         batch = _generator_batch(state, config)
-        return batch, lambda t: _generator_query(t, batch.frozen, bn_weight)
+        return batch, lambda t: _generator_query(t, batch.frozen, bn_weight, generator_features)
 
     def update_generator(ahead: Lookahead[Tensor | _GeneratorBatch]) -> _GeneratorTerms:
         batch, answers = ahead.take()
@@ -533,9 +565,9 @@ def _pipelined_iteration(
             generator_terms = ideal_generator_step(state, config)
         return terms, generator_terms
 
-    assert config.replay is not None
-    with Lookahead(lanes, teachers, student_item, config.replay.new_batches, depth) as ahead:
-        for _ in range(config.replay.new_batches):
+    fresh = _fresh_batches(memory, config)
+    with Lookahead(lanes, teachers, student_item, fresh, depth) as ahead:
+        for _ in range(fresh):
             images, answers = ahead.take()
             assert isinstance(images, Tensor)
             logits, cached = _split(answers, features)

@@ -34,6 +34,7 @@ from cdfkd.teacher_node.server import build_server
 from tests import owner_models
 from tests.conftest import client_config, node_config
 from tests.helpers import small_run, write_toml
+from tests.student_node.test_replay import _memory_tensors
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -200,7 +201,7 @@ def test_remote_answers_equal_in_process_answers(owner_packages, owner_nodes, de
             teacher.close()
 
 
-def _small_train() -> TrainConfig:
+def _small_train(**extra: object) -> TrainConfig:
     return TrainConfig(
         batch_size=16,
         epochs=1,
@@ -208,11 +209,19 @@ def _small_train() -> TrainConfig:
         student_steps_per_generator_step=2,
         student=StudentConfig(widths=(8, 16, 16)),
         generator=GeneratorConfig(latent_dim=16, width=8),
+        **extra,
     )
 
 
+@pytest.mark.parametrize(
+    "extra",
+    # The paper's loop; and a memory fed by the generator step's batch alone, whose kept Query
+    # also asks for features (and the lab's node shares no R(x)).
+    [{}, {"replay": {"size": 64, "new_batches": 0, "keep_generator_batch": True}}],
+    ids=["paper", "replay-generator-batch"],
+)
 def test_training_is_identical_in_process_and_over_the_wire(
-    owner_packages, owner_nodes, dev_pki, tmp_path: Path
+    owner_packages, owner_nodes, dev_pki, tmp_path: Path, extra: dict
 ) -> None:
     # The trainer API on both sides, so the two runs compare weight for weight; `cdfkd train`
     # against these nodes is the next test.
@@ -230,7 +239,7 @@ def test_training_is_identical_in_process_and_over_the_wire(
             assert space.normalization.std[channel] == pytest.approx(
                 sum(o.std[channel] for o in OWNERS) / 3
             )
-        config = _small_train()
+        config = _small_train(**extra)
         in_process = init_state(config, infos, torch.device("cpu"), space.image_shape)
         train(in_process, [RunSpaceTeacher(t, space) for t in local], config)
         over_the_wire = init_state(config, infos, torch.device("cpu"), space.image_shape)
@@ -246,6 +255,12 @@ def test_training_is_identical_in_process_and_over_the_wire(
             near = getattr(in_process, module).state_dict()
             far = getattr(over_the_wire, module).state_dict()
             assert all(torch.equal(near[k], far[k]) for k in near), module
+        if in_process.replay is not None:  # the memory, cached answers included
+            near_memory, far_memory = _memory_tensors(in_process), _memory_tensors(over_the_wire)
+            assert near_memory.keys() == far_memory.keys()
+            assert all(torch.equal(near_memory[k], far_memory[k]) for k in near_memory)
+            # Features are cached where the owner shares them: the same on both sides.
+            assert any(k.startswith("features.") for k in near_memory)
         # The lab's node was never asked for R(x): every one of its calls succeeded.
         assert remote[2].calls > 0
 

@@ -78,7 +78,8 @@ def test_a_different_config_is_refused(digits_teachers, tmp_path: Path) -> None:
 
 
 def test_checkpoints_of_earlier_code_keep_their_fingerprint() -> None:
-    """Fields added later leave the fingerprint alone at their defaults (values of 081ccd2)."""
+    """Fields added later leave the fingerprint alone at their defaults (values of 081ccd2;
+    the replay one of 1ce42a0)."""
     from cdfkd.student_node.config import TrainConfig
 
     assert config_fingerprint(TrainConfig()) == (
@@ -92,6 +93,10 @@ def test_checkpoints_of_earlier_code_keep_their_fingerprint() -> None:
         update={"generator": dfad.generator.model_copy(update={"output": "pixel_range"})}
     )
     assert config_fingerprint(bounded) != config_fingerprint(dfad)
+    replay = TrainConfig(replay={"size": 512, "new_batches": 2})
+    assert config_fingerprint(replay) == (
+        "f2898392e603f5d8610e7bdb9e66e00aa4f6fae0c7c707bb12b87e9489007df3"
+    )
 
 
 def test_garbage_and_pickles_are_refused(digits_teachers, tmp_path: Path) -> None:

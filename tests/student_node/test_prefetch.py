@@ -116,6 +116,11 @@ def _assert_same(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
         (Method.KD_REAL, {}, 2),
         (Method.CDFKD_MFS, {"replay": {"size": 64, "new_batches": 2}}, 2),
         (Method.CDFKD, {"replay": {"size": 64, "new_batches": 2, "sampling": "newest"}}, 1),
+        (
+            Method.CDFKD_MFS,
+            {"replay": {"size": 64, "new_batches": 0, "keep_generator_batch": True}},
+            2,
+        ),
         # IDEAL's generator step asks no teacher: nothing of it may be asked ahead either.
         (Method.CDFKD_MFS, {"generator_objective": "ideal"}, 2),
         (Method.CDFKD_MFS, {"generator_objective": "ideal", "replay": {"size": 64}}, 2),
@@ -127,6 +132,7 @@ def _assert_same(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
         "kd_real-2",
         "replay-2",
         "replay-newest-1",
+        "replay-generator-batch-2",
         "ideal-2",
         "ideal-replay-2",
     ],

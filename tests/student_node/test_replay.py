@@ -66,6 +66,23 @@ def test_replay_settings_are_checked() -> None:
     assert config_fingerprint(small_config(replay={"size": 64})) != config_fingerprint(
         small_config()
     )
+    with pytest.raises(ValueError, match="new_batches 0 needs keep_generator_batch"):
+        small_config(replay={"size": 64, "new_batches": 0})
+    with pytest.raises(ValueError, match="keep_generator_batch needs sampling 'uniform'"):
+        small_config(
+            replay={
+                "size": 64,
+                "new_batches": K,
+                "sampling": "newest",
+                "keep_generator_batch": True,
+            }
+        )
+    with pytest.raises(ValueError, match="'ideal' asks them nothing"):
+        small_config(generator_objective="ideal", replay={"size": 64, "keep_generator_batch": True})
+    with pytest.raises(ValueError, match="smaller than one iteration's fresh samples"):
+        small_config(replay={"size": BATCH - 1, "new_batches": 0, "keep_generator_batch": True})
+    kept = small_config(replay={"size": 64, "keep_generator_batch": True})
+    assert config_fingerprint(kept) != config_fingerprint(small_config(replay={"size": 64}))
 
 
 def test_newest_sampling_is_exactly_the_paper_loop(digits_teachers) -> None:
@@ -103,12 +120,65 @@ def test_uniform_replay_asks_each_fresh_batch_once(digits_teachers) -> None:
         assert torch.equal(asked.features, cached_features)
 
 
-def test_resume_with_a_memory_is_exact(digits_teachers, tmp_path: Path) -> None:
+@pytest.mark.parametrize("new_batches", [1, 0])
+def test_the_generator_batch_joins_the_memory_at_no_teacher_image(
+    digits_teachers, new_batches: int
+) -> None:
+    teachers = digits_teachers.load()
+    replay = {"size": 64 * BATCH, "new_batches": new_batches, "keep_generator_batch": True}
+    config = small_config(replay=replay)
+    state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
+    train(state, teachers, config)
+    iterations = config.total_iterations
+    # Per iteration: the fresh batches and the generator step's query and VJP, as without the
+    # option; with no fresh batches, one in the first iteration, whose memory is empty.
+    warm_up = 1 if new_batches == 0 else 0
+    expected = (iterations * (new_batches + 2) + warm_up) * BATCH
+    assert [t.images_answered for t in teachers] == [expected] * 3
+    assert state.replay is not None
+    # Every generator batch went in beside the fresh ones.
+    assert len(state.replay) == (iterations * (new_batches + 1) + warm_up) * BATCH
+    # The memory's last batch is the last generator step's: images the generator would make
+    # from that step's latent before its update, and every cached answer is the teachers' answer.
+    images, logits, features = state.replay.newest(len(state.replay))
+    for teacher, cached, cached_features in zip(teachers, logits, features, strict=True):
+        asked = teacher.query(images, bn_loss=False)
+        assert torch.equal(asked.logits, cached)
+        assert cached_features is not None
+        assert torch.equal(asked.features, cached_features)
+
+
+def test_a_kept_generator_batch_is_the_batch_the_generator_step_used(digits_teachers) -> None:
+    """Recording teachers: the last batch in the memory is the last batch asked for a VJP."""
+    teachers = digits_teachers.load()
+    config = small_config(replay={"size": 64, "new_batches": 1, "keep_generator_batch": True})
+    state = init_state(config, [t.info() for t in teachers], torch.device("cpu"))
+    asked: list[torch.Tensor] = []
+    original = teachers[0].input_grad
+
+    def recording_input_grad(images, *args, **kwargs):
+        asked.append(images.clone())
+        return original(images, *args, **kwargs)
+
+    teachers[0].input_grad = recording_input_grad  # type: ignore[method-assign]
+    train(state, teachers, config)
+    assert state.replay is not None
+    last = state.replay.newest(BATCH)[0]
+    assert len(asked) == config.total_iterations
+    assert torch.equal(last, asked[-1])
+
+
+@pytest.mark.parametrize(
+    "replay",
+    [{"new_batches": 1}, {"new_batches": 0, "keep_generator_batch": True}],
+    ids=["fresh", "generator-batch"],
+)
+def test_resume_with_a_memory_is_exact(digits_teachers, tmp_path: Path, replay: dict) -> None:
     teachers = digits_teachers.load()
     infos = [t.info() for t in teachers]
     # A memory smaller than the run's fresh samples, so it wraps around after the resume.
     config = small_config(
-        epochs=3, replay={"size": 3 * BATCH, "new_batches": 1}, optimizer={"milestones": (2,)}
+        epochs=3, replay={"size": 3 * BATCH, **replay}, optimizer={"milestones": (2,)}
     )
     fingerprint = config_fingerprint(config)
 
@@ -136,7 +206,7 @@ def test_a_run_config_turns_the_memory_on(digits_teachers, tmp_path: Path) -> No
     from cdfkd.coordinator.config import load_run_config
     from tests.helpers import packages, small_run, write_toml
 
-    replay = {"size": 512, "new_batches": 2, "sampling": "uniform"}
+    replay = {"size": 512, "new_batches": 2, "sampling": "uniform", "keep_generator_batch": True}
     path = write_toml(
         tmp_path / "run.toml", small_run(packages(digits_teachers.packages), {"replay": replay})
     )
