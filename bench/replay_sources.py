@@ -101,12 +101,13 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     data = read_npz(Path(spec["validation"]))
     images, labels = space.prepare(data.images, "validation"), data.labels
     batch = spec["batch_size"]
-    iterations = spec["images"] // (batches_per_iteration(spec["variant"]) * batch)
-    config = variant_config(spec["variant"], spec["seed"], iterations, batch)
+    planned = spec["images"] // (batches_per_iteration(spec["variant"]) * batch)
+    config = variant_config(spec["variant"], spec["seed"], planned, batch)
+    iterations = config.total_iterations  # whole epochs: up to 9 fewer than planned
     state = init_state(config, infos, torch.device("cpu"), space.image_shape, space.normalization)
     probes: list[dict[str, float]] = []
     started = time.monotonic()
-    while state.iteration < config.total_iterations:
+    while state.iteration < iterations:
         run_iteration(state, teachers, config)
         if state.iteration % spec["probe_every"] == 0 or state.iteration == iterations:
             probes.append(

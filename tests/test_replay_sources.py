@@ -115,3 +115,31 @@ def test_runs_spend_one_image_budget(tmp_path: Path, own_threads: None) -> None:
     table = markdown(report, "python bench/replay_sources.py --out x")
     assert "| generator_batch_only | 2 | 21 | 344 |" in table
     assert table.count("\n| paper | 7 | 6 | 336 |") == 1
+
+
+def test_the_last_probe_is_the_last_iteration_of_whole_epochs(
+    tmp_path: Path, own_threads: None
+) -> None:
+    """A budget of 33 paper iterations plans 3 epochs of 10: the run and last probe end at 30."""
+    package = untrained_lenet_package(tmp_path / "t", name="t", mean=0.3, std=0.4)
+    generator = torch.Generator().manual_seed(0)
+    _write_npz(
+        tmp_path / "validation.npz",
+        torch.rand(20, 1, 16, 16, generator=generator),
+        torch.randint(0, 10, (20,), generator=generator),
+    )
+    batch = 4
+    run = run_variant(
+        {
+            "variant": "paper",
+            "seed": 0,
+            "images": 33 * 7 * batch,
+            "probe_every": 20,
+            "batch_size": batch,
+            "teachers": [str(package)],
+            "validation": str(tmp_path / "validation.npz"),
+        }
+    )
+    assert run["iterations"] == 30
+    assert [p["iteration"] for p in run["probes"]] == [20, 30]
+    assert run["teacher_images"] == 30 * 7 * batch
