@@ -11,7 +11,11 @@ process (mTLS, loopback, one torch thread). The student (CDFKD-MFS, the demo's s
 - ``paper``: the paper-exact loop (every student step on a fresh batch asked of every teacher);
 - ``replay``: a replay memory with the answers cached (``[train.replay]``);
 - ``replay_pipelined``: replay, and the teachers' answers fetched ahead (``train.prefetch``);
-- ``replay_pipelined_float16``: the same with the float16 wire.
+- ``replay_pipelined_float16``: the same with the float16 wire;
+- ``replay_generator_batch_pipelined_float16``: the same, and the generator step's batch joins
+  the memory (``replay.keep_generator_batch``);
+- ``generator_batch_only_pipelined_float16``: that batch alone feeds the memory
+  (``new_batches`` 0).
 
 **Accuracy at a wall-clock budget.** For each mode and budget (5 and 15 minutes by default) and
 each seed, one run is bounded by that many seconds (``run.max_seconds``). Its learning-rate
@@ -84,6 +88,19 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "replay_pipelined_float16": {
         "train": {"replay": REPLAY, "prefetch": PREFETCH},
+        "wire_dtype": "float16",
+    },
+    # The generator step's batch joins the memory too (bench/replay_sources.py): with the
+    # fresh batch, and alone (two batches a teacher per iteration, one round trip fewer).
+    "replay_generator_batch_pipelined_float16": {
+        "train": {"replay": {**REPLAY, "keep_generator_batch": True}, "prefetch": PREFETCH},
+        "wire_dtype": "float16",
+    },
+    "generator_batch_only_pipelined_float16": {
+        "train": {
+            "replay": {**REPLAY, "new_batches": 0, "keep_generator_batch": True},
+            "prefetch": PREFETCH,
+        },
         "wire_dtype": "float16",
     },
 }

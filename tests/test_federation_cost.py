@@ -32,6 +32,14 @@ def test_the_issue_modes_are_the_paper_loop_and_the_cheaper_ones() -> None:
     assert piped.replay is not None
     assert piped.prefetch > 0
     assert MODES["replay_pipelined_float16"]["wire_dtype"] == "float16"
+    kept = train_config("replay_generator_batch_pipelined_float16", 90, seed=0).replay
+    assert kept is not None
+    assert kept.keep_generator_batch
+    assert kept.new_batches == 1
+    alone = train_config("generator_batch_only_pipelined_float16", 90, seed=0).replay
+    assert alone is not None
+    assert alone.keep_generator_batch
+    assert alone.new_batches == 0
 
 
 @pytest.mark.parametrize("iterations", [3, 29, 30, 900, 1234])
