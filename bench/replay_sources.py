@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.curves import plot_probe_curves  # noqa: E402
 from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
 from bench.results import append_section  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
@@ -156,28 +157,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(variants: dict[str, Any], path: Path) -> None:
     """Validation accuracy against the images a teacher answered, a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for colour, (name, variant) in enumerate(variants.items()):
-        for index, run in enumerate(variant["runs"]):
-            axis.plot(
-                [p["teacher_images"] / 1000 for p in run["probes"]],
-                [100 * p["validation_accuracy"] for p in run["probes"]],
-                color=f"C{colour}",
-                lw=1,
-                label=name if index == 0 else None,
-            )
-    axis.set_xlabel("images answered per teacher (thousands)")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plot_probe_curves(
+        variants, path, "teacher_images", "images answered per teacher (thousands)", 1 / 1000
+    )
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
