@@ -319,7 +319,9 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
             else "settings. "
         )
         + "Replay: "
-        f"{json.dumps(REPLAY)}; prefetch {PREFETCH}.\n",
+        f"{json.dumps(REPLAY)} (`replay_generator_batch_*` adds keep_generator_batch; "
+        "`generator_batch_only_*` also sets new_batches 0); "
+        f"prefetch {PREFETCH}.\n",
     ]
     if report["modes"]:
         lines += [
