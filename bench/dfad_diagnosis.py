@@ -31,12 +31,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +43,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.curves import plot_probe_curves  # noqa: E402
-from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
 from bench.results import append_section  # noqa: E402
+from bench.variant_runs import (  # noqa: E402
+    InProcessFederation,
+    accuracy_cells,
+    accuracy_over_seeds,
+    homogeneous_federation,
+    plot_probe_curves,
+    run_all,
+    variant_runs,
+)
 from cdfkd.coordinator.report import generator_samples, save_image_grid  # noqa: E402
 from cdfkd.student_node.config import LossWeights, Method, TrainConfig  # noqa: E402
 from cdfkd.student_node.evaluate import evaluate_student, header_logits  # noqa: E402
-from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 from cdfkd.student_node.teachers.run_space import (  # noqa: E402
     RunImageSpace,
     RunSpaceTeacher,
-    resolve_image_space,
 )
 from cdfkd.student_node.trainer import TrainState, init_state, run_iteration  # noqa: E402
-from cdfkd.teacher_node.image_files import read_npz  # noqa: E402
 
 #: name -> (generator output, BN-prior weight)
 VARIANTS: dict[str, tuple[str, float]] = {
@@ -122,12 +124,9 @@ def probe(
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """One run of ``spec["variant"]`` with ``spec["seed"]``; probes along the way."""
     torch.set_num_threads(spec.get("threads", 1))
-    inner = [InProcessTeacher.from_package(Path(p)) for p in spec["teachers"]]
-    infos = [t.info() for t in inner]
-    space = resolve_image_space(infos)
-    teachers = [RunSpaceTeacher(t, space) for t in inner]
-    data = read_npz(Path(spec["validation"]))
-    validation = (space.prepare(data.images, "validation"), data.labels)
+    federation = InProcessFederation.load(spec["teachers"], spec["validation"])
+    infos, space, teachers = federation.infos, federation.space, federation.teachers
+    validation = federation.validation
     config = variant_config(
         spec["variant"],
         spec["seed"],
@@ -161,18 +160,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant: final validation accuracy (mean, sample std, per seed) and last probes."""
     variants: dict[str, Any] = {}
     for name in VARIANTS:
-        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
+        mine = variant_runs(runs, name)
         if not mine:
             continue
-        accuracies = [r["accuracy"] for r in mine]
         last = [r["probes"][-1] for r in mine]
         variants[name] = {
             "generator_output": VARIANTS[name][0],
             "bn": VARIANTS[name][1],
-            "accuracy_mean": statistics.fmean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
-            "per_seed": accuracies,
-            "seeds": [r["seed"] for r in mine],
+            **accuracy_over_seeds(mine),
             "last_probe_mean": {
                 key: statistics.fmean(p[key] for p in last) for key in last[0] if key != "iteration"
             },
@@ -205,13 +200,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in report["variants"].items():
-        spread = f"{100 * v['accuracy_mean']:.2f}"
-        if v["accuracy_std"] is not None:
-            spread += f" ± {100 * v['accuracy_std']:.2f}"
         p = v["last_probe_mean"]
         lines.append(
-            f"| {name} | {v['generator_output']} | {v['bn']:g} | {spread} | "
-            f"{' / '.join(f'{100 * a:.2f}' for a in v['per_seed'])} | {p['pixel_min']:.2f} | "
+            f"| {name} | {v['generator_output']} | {v['bn']:g} | {accuracy_cells(v)} | "
+            f"{p['pixel_min']:.2f} | "
             f"{p['pixel_max']:.2f} | {100 * p['outside_unit_range']:.1f} % | "
             f"{p['teacher_max_abs_logit']:.1f} | {100 * p['agreement']:.0f} % |"
         )
@@ -234,9 +226,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     validation_samples = 500 if args.quick else args.validation_samples
-    data = prepare_data(out / "data", validation_samples, 1000 if args.quick else None)
-    jobs = homogeneous_jobs(1 if args.quick else args.teacher_epochs, data.owners)
-    packages = ensure_teachers(out / "teachers", jobs, keyed=True, workers=args.workers)
+    data, packages = homogeneous_federation(
+        out, validation_samples, args.teacher_epochs, args.quick, args.workers
+    )
     iterations = 6 if args.quick else args.iterations
     specs = [
         {
@@ -252,9 +244,7 @@ def main() -> None:
         for seed in range(2 if args.quick else args.seeds)
         for variant in args.variants
     ]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        runs = list(pool.map(run_variant, specs))
+    runs = run_all(run_variant, specs, args.workers)
     from cdfkd.teacher_node.package import read_metadata
 
     report = {

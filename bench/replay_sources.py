@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +44,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.curves import plot_probe_curves  # noqa: E402
-from bench.quality import ensure_teachers, homogeneous_jobs, prepare_data  # noqa: E402
 from bench.results import append_section  # noqa: E402
+from bench.variant_runs import (  # noqa: E402
+    InProcessFederation,
+    accuracy_cells,
+    accuracy_over_seeds,
+    homogeneous_federation,
+    plot_probe_curves,
+    run_all,
+    variant_runs,
+)
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.evaluate import evaluate_student  # noqa: E402
-from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
-from cdfkd.student_node.teachers.run_space import RunSpaceTeacher, resolve_image_space  # noqa: E402
 from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
-from cdfkd.teacher_node.image_files import read_npz  # noqa: E402
 
 K = 5
 MEMORY = 4096
@@ -95,27 +97,27 @@ def variant_config(variant: str, seed: int, iterations: int, batch_size: int) ->
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """One run of ``spec["variant"]`` with ``spec["seed"]`` to its image budget; probes."""
     torch.set_num_threads(1)
-    inner = [InProcessTeacher.from_package(Path(p)) for p in spec["teachers"]]
-    infos = [t.info() for t in inner]
-    space = resolve_image_space(infos)
-    teachers = [RunSpaceTeacher(t, space) for t in inner]
-    data = read_npz(Path(spec["validation"]))
-    images, labels = space.prepare(data.images, "validation"), data.labels
+    federation = InProcessFederation.load(spec["teachers"], spec["validation"])
+    inner, space = federation.inner, federation.space
     batch = spec["batch_size"]
     planned = spec["images"] // (batches_per_iteration(spec["variant"]) * batch)
     config = variant_config(spec["variant"], spec["seed"], planned, batch)
     iterations = config.total_iterations  # whole epochs: up to 9 fewer than planned
-    state = init_state(config, infos, torch.device("cpu"), space.image_shape, space.normalization)
+    state = init_state(
+        config, federation.infos, torch.device("cpu"), space.image_shape, space.normalization
+    )
     probes: list[dict[str, float]] = []
     started = time.monotonic()
     while state.iteration < iterations:
-        run_iteration(state, teachers, config)
+        run_iteration(state, federation.teachers, config)
         if state.iteration % spec["probe_every"] == 0 or state.iteration == iterations:
             probes.append(
                 {
                     "iteration": state.iteration,
                     "teacher_images": inner[0].images_answered,
-                    "validation_accuracy": evaluate_student(state.student, images, labels).mean,
+                    "validation_accuracy": evaluate_student(
+                        state.student, *federation.validation
+                    ).mean,
                 }
             )
     answered = [t.images_answered for t in inner]
@@ -136,17 +138,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant: final validation accuracy (mean, sample std, per seed) and costs."""
     variants: dict[str, Any] = {}
     for name in VARIANTS:
-        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
+        mine = variant_runs(runs, name)
         if not mine:
             continue
-        accuracies = [r["accuracy"] for r in mine]
         variants[name] = {
             "replay": VARIANTS[name],
             "batches_per_iteration": batches_per_iteration(name),
-            "accuracy_mean": statistics.fmean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
-            "per_seed": accuracies,
-            "seeds": [r["seed"] for r in mine],
+            **accuracy_over_seeds(mine),
             "iterations": mine[0]["iterations"],
             "teacher_images": statistics.fmean(r["teacher_images"] for r in mine),
             "seconds": statistics.fmean(r["seconds"] for r in mine),
@@ -179,13 +177,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, v in report["variants"].items():
-        spread = f"{100 * v['accuracy_mean']:.2f}"
-        if v["accuracy_std"] is not None:
-            spread += f" ± {100 * v['accuracy_std']:.2f}"
         lines.append(
             f"| {name} | {v['batches_per_iteration']} | {v['iterations']} | "
-            f"{v['teacher_images']:,.0f} | {spread} | "
-            f"{' / '.join(f'{100 * a:.2f}' for a in v['per_seed'])} | {v['seconds']:.0f} |"
+            f"{v['teacher_images']:,.0f} | {accuracy_cells(v)} | {v['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -206,9 +200,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     validation_samples = 500 if args.quick else args.validation_samples
-    data = prepare_data(out / "data", validation_samples, 1000 if args.quick else None)
-    jobs = homogeneous_jobs(1 if args.quick else args.teacher_epochs, data.owners)
-    packages = ensure_teachers(out / "teachers", jobs, keyed=True, workers=args.workers)
+    data, packages = homogeneous_federation(
+        out, validation_samples, args.teacher_epochs, args.quick, args.workers
+    )
     batch_size = 32 if args.quick else 128
     specs = [
         {
@@ -223,9 +217,7 @@ def main() -> None:
         for seed in range(2 if args.quick else args.seeds)
         for variant in args.variants
     ]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-        runs = list(pool.map(run_variant, specs))
+    runs = run_all(run_variant, specs, args.workers)
     report = {
         "images": specs[0]["images"],
         "batch_size": batch_size,

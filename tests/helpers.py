@@ -312,3 +312,17 @@ def pem(key: Any, cert: Any) -> tuple[bytes, bytes]:
         ),
         cert.public_bytes(serialization.Encoding.PEM),
     )
+
+
+def random_validation_file(path: Path, count: int) -> Path:
+    """``count`` random 1x16x16 images with random labels of 10 classes, as a bench's
+    validation ``.npz`` (seed 0)."""
+    from bench.quality import _write_npz
+
+    generator = torch.Generator().manual_seed(0)
+    _write_npz(
+        path,
+        torch.rand(count, 1, 16, 16, generator=generator),
+        torch.randint(0, 10, (count,), generator=generator),
+    )
+    return path

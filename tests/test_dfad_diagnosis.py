@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.dfad_diagnosis import (
     VARIANTS,
@@ -15,9 +14,8 @@ from bench.dfad_diagnosis import (
     summarize,
     variant_config,
 )
-from bench.quality import _write_npz
 from cdfkd.student_node.config import Method
-from tests.helpers import untrained_lenet_package
+from tests.helpers import random_validation_file, untrained_lenet_package
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -39,12 +37,7 @@ def test_runs_probe_what_the_generator_makes(tmp_path: Path) -> None:
         untrained_lenet_package(tmp_path / f"t{i}", name=f"t{i}", mean=0.3, std=0.4)
         for i in range(2)
     ]
-    generator = torch.Generator().manual_seed(0)
-    _write_npz(
-        tmp_path / "validation.npz",
-        torch.rand(40, 1, 16, 16, generator=generator),
-        torch.randint(0, 10, (40,), generator=generator),
-    )
+    random_validation_file(tmp_path / "validation.npz", 40)
     common = {
         "iterations": 2,
         "probe_every": 1,

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import _write_npz
 from bench.replay_sources import (
     VARIANTS,
     batches_per_iteration,
@@ -19,7 +18,7 @@ from bench.replay_sources import (
     variant_config,
 )
 from cdfkd.student_node.config import Method
-from tests.helpers import untrained_lenet_package
+from tests.helpers import random_validation_file, untrained_lenet_package
 
 
 @pytest.fixture
@@ -57,12 +56,7 @@ def test_runs_spend_one_image_budget(tmp_path: Path, own_threads: None) -> None:
         untrained_lenet_package(tmp_path / f"t{i}", name=f"t{i}", mean=0.3, std=0.4)
         for i in range(2)
     ]
-    generator = torch.Generator().manual_seed(0)
-    _write_npz(
-        tmp_path / "validation.npz",
-        torch.rand(40, 1, 16, 16, generator=generator),
-        torch.randint(0, 10, (40,), generator=generator),
-    )
+    random_validation_file(tmp_path / "validation.npz", 40)
     batch = 8
     budget = 42 * batch
     runs = [
@@ -122,12 +116,7 @@ def test_the_last_probe_is_the_last_iteration_of_whole_epochs(
 ) -> None:
     """A budget of 33 paper iterations plans 3 epochs of 10: the run and last probe end at 30."""
     package = untrained_lenet_package(tmp_path / "t", name="t", mean=0.3, std=0.4)
-    generator = torch.Generator().manual_seed(0)
-    _write_npz(
-        tmp_path / "validation.npz",
-        torch.rand(20, 1, 16, 16, generator=generator),
-        torch.randint(0, 10, (20,), generator=generator),
-    )
+    random_validation_file(tmp_path / "validation.npz", 20)
     batch = 4
     run = run_variant(
         {

@@ -31,6 +31,17 @@ def _memory_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _assert_cached_answers_are_the_teachers(state: TrainState, teachers) -> None:
+    """Every cached answer (logits and features) is the teachers' answer to its image."""
+    assert state.replay is not None
+    images, logits, features = state.replay.newest(len(state.replay))
+    for teacher, cached, cached_features in zip(teachers, logits, features, strict=True):
+        asked = teacher.query(images, bn_loss=False)
+        assert torch.equal(asked.logits, cached)
+        assert cached_features is not None
+        assert torch.equal(asked.features, cached_features)
+
+
 def test_the_memory_is_a_ring_buffer_of_samples_and_answers() -> None:
     memory = ReplayMemory(5)
     for start in (0, 3):  # 3 samples, then 3 more: the oldest is overwritten
@@ -111,13 +122,7 @@ def test_uniform_replay_asks_each_fresh_batch_once(digits_teachers) -> None:
     assert [t.images_answered for t in teachers] == [iterations * (1 + 2) * BATCH] * 3
     assert state.replay is not None
     assert len(state.replay) == iterations * BATCH
-    # The cached answers are the teachers' answers to the cached images.
-    images, logits, features = state.replay.newest(len(state.replay))
-    for teacher, cached, cached_features in zip(teachers, logits, features, strict=True):
-        asked = teacher.query(images, bn_loss=False)
-        assert torch.equal(asked.logits, cached)
-        assert cached_features is not None
-        assert torch.equal(asked.features, cached_features)
+    _assert_cached_answers_are_the_teachers(state, teachers)
 
 
 @pytest.mark.parametrize("new_batches", [1, 0])
@@ -138,14 +143,7 @@ def test_the_generator_batch_joins_the_memory_at_no_teacher_image(
     assert state.replay is not None
     # Every generator batch went in beside the fresh ones.
     assert len(state.replay) == (iterations * (new_batches + 1) + warm_up) * BATCH
-    # The memory's last batch is the last generator step's: images the generator would make
-    # from that step's latent before its update, and every cached answer is the teachers' answer.
-    images, logits, features = state.replay.newest(len(state.replay))
-    for teacher, cached, cached_features in zip(teachers, logits, features, strict=True):
-        asked = teacher.query(images, bn_loss=False)
-        assert torch.equal(asked.logits, cached)
-        assert cached_features is not None
-        assert torch.equal(asked.features, cached_features)
+    _assert_cached_answers_are_the_teachers(state, teachers)
 
 
 def test_a_kept_generator_batch_is_the_batch_the_generator_step_used(digits_teachers) -> None:
