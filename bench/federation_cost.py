@@ -14,6 +14,8 @@ process (mTLS, loopback, one torch thread). The student (CDFKD-MFS, the demo's s
 - ``replay_pipelined_float16``: the same with the float16 wire;
 - ``replay_generator_batch_pipelined_float16``: the same, and the generator step's batch joins
   the memory (``replay.keep_generator_batch``);
+- ``replay_generator_batch_k10_pipelined_float16``: the same with K = 10 student steps per
+  generator step (twice the student steps per teacher image);
 - ``generator_batch_only_pipelined_float16``: that batch alone feeds the memory
   (``new_batches`` 0).
 
@@ -98,6 +100,16 @@ MODES: dict[str, dict[str, Any]] = {
     # fresh batch, and alone (two batches a teacher per iteration, one round trip fewer).
     "replay_generator_batch_pipelined_float16": {
         "train": {"replay": {**REPLAY, "keep_generator_batch": True}, "prefetch": PREFETCH},
+        "wire_dtype": "float16",
+    },
+    # The same with K = 10 student steps per generator step: twice the student steps per
+    # teacher image (the memory answers them); declared before its first run, not tuned.
+    "replay_generator_batch_k10_pipelined_float16": {
+        "train": {
+            "replay": {**REPLAY, "keep_generator_batch": True},
+            "prefetch": PREFETCH,
+            "student_steps_per_generator_step": 10,
+        },
         "wire_dtype": "float16",
     },
     "generator_batch_only_pipelined_float16": {

@@ -36,6 +36,9 @@ def test_the_issue_modes_are_the_paper_loop_and_the_cheaper_ones() -> None:
     assert kept is not None
     assert kept.keep_generator_batch
     assert kept.new_batches == 1
+    k10 = train_config("replay_generator_batch_k10_pipelined_float16", 90, seed=0)
+    assert k10.replay == kept
+    assert k10.student_steps_per_generator_step == 2 * paper.student_steps_per_generator_step
     alone = train_config("generator_batch_only_pipelined_float16", 90, seed=0).replay
     assert alone is not None
     assert alone.keep_generator_batch
