@@ -85,6 +85,8 @@ PREFETCH = 2
 #: The schedule is planned for this share of the iterations the calibration predicts: a run that
 #: the clock stops before its planned end misses its decay (the first 5-minute runs did).
 PLANNING_MARGIN = 0.9
+#: The memory with the generator step's batch kept, answers fetched ahead.
+KEPT_BATCH_PIPELINED = {"replay": {**REPLAY, "keep_generator_batch": True}, "prefetch": PREFETCH}
 MODES: dict[str, dict[str, Any]] = {
     "paper": {"train": {}, "wire_dtype": "float32"},
     "replay": {"train": {"replay": REPLAY}, "wire_dtype": "float32"},
@@ -99,17 +101,13 @@ MODES: dict[str, dict[str, Any]] = {
     # The generator step's batch joins the memory too (bench/replay_sources.py): with the
     # fresh batch, and alone (two batches a teacher per iteration, one round trip fewer).
     "replay_generator_batch_pipelined_float16": {
-        "train": {"replay": {**REPLAY, "keep_generator_batch": True}, "prefetch": PREFETCH},
+        "train": KEPT_BATCH_PIPELINED,
         "wire_dtype": "float16",
     },
     # The same with K = 10 student steps per generator step: twice the student steps per
     # teacher image (the memory answers them); declared before its first run, not tuned.
     "replay_generator_batch_k10_pipelined_float16": {
-        "train": {
-            "replay": {**REPLAY, "keep_generator_batch": True},
-            "prefetch": PREFETCH,
-            "student_steps_per_generator_step": 10,
-        },
+        "train": {**KEPT_BATCH_PIPELINED, "student_steps_per_generator_step": 10},
         "wire_dtype": "float16",
     },
     "generator_batch_only_pipelined_float16": {
@@ -349,9 +347,9 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
         lines.append("No accuracy runs (`--minutes` with no budget): the emulated link only.")
     for name, mode in report["modes"].items():
         for budget, cell in mode["budgets"].items():
-            runs = cell.get("runs", [])
+            runs = cell["runs"]
             per_seed = ", ".join(f"{100 * r['accuracy']:.2f}" for r in runs)
-            completed = sum(r.get("ended_by") == "completed" for r in runs)
+            completed = sum(r["ended_by"] == "completed" for r in runs)
             lines.append(
                 f"| {name} | {budget} | {100 * cell['accuracy']:.2f} "
                 f"({100 * cell['accuracy_std']:.2f}) | {per_seed} | {cell['iterations']:.0f} | "
