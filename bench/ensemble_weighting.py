@@ -1,14 +1,22 @@
 """Label-skewed owners: the paper's equal ensemble weights against confidence weighting.
 
-    python bench/ensemble_weighting.py --out DIR [--iterations 100] [--seeds 2]
+    python bench/ensemble_weighting.py --out DIR [--iterations 100 | --minutes M] [--seeds 2]
+                                       [--federation lenet|heterogeneous]
+                                       [--weightings equal confidence]
                                        [--teacher-epochs 3] [--temperature 0.1]
 
-Three LeNet-5-BN owners on Dirichlet(0.3) shards of Fashion-MNIST's training split
-(bench/quality.py's label-skewed jobs; trained once, cached in DIR/teachers). For each seed, the
-same CDFKD-MFS run (bench/privacy.py's demo settings, in-process teachers) with
-``ensemble_weighting = "equal"`` and ``"confidence"`` (tau fixed beforehand, not tuned). Nothing
-is chosen here: the test split is read once per run, at its end. Writes
-DIR/ensemble_weighting.json and appends a table to bench/RESULTS.md.
+Three owners on Dirichlet(0.3) shards of Fashion-MNIST's training split (bench/quality.py's
+label-skewed jobs; trained once, cached in DIR/teachers): three LeNet-5-BN (``lenet``) or
+LeNet-5-BN, ResNet-8 (w8) and ResNet-14 (w6) (``heterogeneous``). For each seed, the same
+CDFKD-MFS run (bench/privacy.py's demo settings, in-process teachers) with each
+``ensemble_weighting`` asked for (tau fixed beforehand, not tuned).
+
+The budget is ``--iterations``, or ``--minutes`` of wall-clock on this machine: then each run is
+bounded by that many seconds (``run.max_seconds``) and its learning-rate schedule is planned for
+90 % of the iterations a short calibration of that run's settings predicts (as in
+bench/federation_cost.py), so the clock does not cut it off before its decay. Nothing is chosen
+here: the test split is read once per run, at its end. Writes DIR/ensemble_weighting.json and
+appends a table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,21 +35,77 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.privacy import distill_in_process, train_config  # noqa: E402
-from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
+from bench.privacy import train_config  # noqa: E402
+from bench.quality import ensure_teachers, heterogeneous_jobs, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
+from cdfkd.coordinator.config import (  # noqa: E402
+    DataConfig,
+    PackageTeacher,
+    RunConfig,
+    RunSettings,
+)
+from cdfkd.coordinator.training_run import run_training  # noqa: E402
+from cdfkd.student_node.config import TrainConfig  # noqa: E402
+from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
+from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
+from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 WEIGHTINGS = ("equal", "confidence")
+FEDERATIONS = {
+    "lenet": ("three LeNet-5-BN", homogeneous_jobs),
+    "heterogeneous": ("LeNet-5-BN, ResNet-8 (w8) and ResNet-14 (w6)", heterogeneous_jobs),
+}
+#: The schedule is planned for this share of the calibrated iterations (bench/federation_cost.py).
+PLANNING_MARGIN = 0.9
+
+
+def seconds_per_iteration(packages: list[Path], train: TrainConfig, count: int) -> float:
+    """Mean seconds of ``count`` iterations after two of warm-up (fresh state, in-process)."""
+    teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
+    torch.manual_seed(train.seed)
+    state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
+    for _ in range(2):
+        run_iteration(state, teachers, train)
+    started = time.perf_counter()
+    for _ in range(count):
+        run_iteration(state, teachers, train)
+    return (time.perf_counter() - started) / count
 
 
 def run(
-    packages: list[Path], weighting: str, seed: int, iterations: int, tau: float, out: Path
+    packages: list[Path],
+    weighting: str,
+    seed: int,
+    budget: dict[str, float],
+    tau: float,
+    out: Path,
 ) -> dict[str, Any]:
-    train = train_config(
-        iterations, seed=seed, ensemble_weighting=weighting, confidence_temperature=tau
+    """One run: ``budget`` is ``{"iterations": N}`` or ``{"seconds": S, "calibration": C}``."""
+    settings = {"seed": seed, "ensemble_weighting": weighting, "confidence_temperature": tau}
+    seconds = budget.get("seconds")
+    per_iteration = None
+    if seconds is None:
+        iterations = int(budget["iterations"])
+    else:
+        probe = train_config(10**4, **settings)
+        per_iteration = seconds_per_iteration(packages, probe, int(budget["calibration"]))
+        iterations = max(3, int(PLANNING_MARGIN * seconds / per_iteration))
+    config = RunConfig(
+        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
+        teachers=tuple(PackageTeacher(package=p) for p in packages),
+        train=train_config(iterations, **settings),
+        run=RunSettings(
+            device="cpu",
+            threads=2,
+            max_seconds=seconds,
+            checkpoint_every=10**6,
+            eval_every=10**6,
+            log_every=50,
+        ),
     )
-    result = distill_in_process(packages, train, out)
+    result = run_training(config, out, show_progress=False)
+    summary = result.summary()
     return {
         "weighting": weighting,
         "seed": seed,
@@ -50,64 +114,134 @@ def run(
         "teachers": result.teachers.teachers,
         "ensemble": result.teachers.ensemble,
         "iterations": result.iterations,
+        "planned_iterations": iterations,
+        "calibrated_seconds_per_iteration": per_iteration,
+        "ended_by": summary["ended_by"]["reason"],
         "train_seconds": round(result.train_seconds, 1),
     }
+
+
+def budget_of(args: argparse.Namespace) -> dict[str, float]:
+    if args.minutes is None:
+        return {"iterations": args.iterations}
+    return {"seconds": 60.0 * args.minutes, "calibration": args.calibration_iterations}
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[dict[str, Any]], weightings: list[str]) -> dict[str, Any]:
+    """Per weighting, the student's mean and std over seeds and its gap to the ensemble.
+
+    With both weightings, also the mean paired (same seed) difference confidence - equal.
+    """
+    student = {w: [r["student_mean"] for r in runs if r["weighting"] == w] for w in weightings}
+    gap = {
+        w: [r["student_mean"] - r["ensemble"] for r in runs if r["weighting"] == w]
+        for w in weightings
+    }
+    summary: dict[str, Any] = {
+        "mean_student": {w: statistics.fmean(v) for w, v in student.items()},
+        "std_student": {w: _spread(v) for w, v in student.items()},
+        "gap_to_ensemble": {
+            w: {"mean": statistics.fmean(v), "std": _spread(v)} for w, v in gap.items()
+        },
+    }
+    if set(weightings) == set(WEIGHTINGS):  # runs are seed-major, so the lists pair by seed
+        summary["mean_difference_confidence_minus_equal"] = statistics.fmean(
+            c - e for e, c in zip(student["equal"], student["confidence"], strict=True)
+        )
+    return summary
+
+
+def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    owners = FEDERATIONS[args.federation][0]
+    budget = (
+        f"for {args.iterations} iterations"
+        if args.minutes is None
+        else f"for {args.minutes:g} minutes of wall-clock each (schedule planned from a "
+        f"{args.calibration_iterations}-iteration calibration)"
+    )
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    weightings = args.weightings
+    lines = [
+        f"\n### Ensemble weighting on label-skewed owners, {stamp}\n",
+        f"Command: `python bench/ensemble_weighting.py {' '.join(sys.argv[1:])}`; {owners} "
+        f"owners on Dirichlet(0.3) shards ({args.teacher_epochs} epochs), CDFKD-MFS {budget} "
+        f"(the demo's settings, in-process teachers, 2 threads), tau {args.temperature:g} fixed "
+        "beforehand; mean of headers on the 10,000 test images, read once per run.\n",
+        "| seed | teachers % | ensemble % | "
+        + " | ".join(f"{w} % (iterations)" for w in weightings)
+        + " | student - ensemble (points) |",
+        "|---|---|---|" + "---|" * len(weightings) + "---|",
+    ]
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(r)
+    for seed, cells in by_seed.items():
+        first = cells[0]
+        teachers = " / ".join(f"{100 * t:.2f}" for t in first["teachers"])
+        students = " | ".join(
+            f"{100 * c['student_mean']:.2f} ({c['iterations']}"
+            + ("" if c["ended_by"] == "completed" else f", stopped by {c['ended_by']}")
+            + ")"
+            for c in cells
+        )
+        gaps = " / ".join(f"{100 * (c['student_mean'] - c['ensemble']):+.2f}" for c in cells)
+        lines.append(
+            f"| {seed} | {teachers} | {100 * first['ensemble']:.2f} | {students} | {gaps} |"
+        )
+    for w, gap in report["gap_to_ensemble"].items():
+        lines.append(
+            f"\n{w}: student {100 * report['mean_student'][w]:.2f} ± "
+            f"{100 * report['std_student'][w]:.2f} %, {100 * gap['mean']:+.2f} ± "
+            f"{100 * gap['std']:.2f} points from the ensemble over {args.seeds} seed(s)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="a wall-clock budget (replaces --iterations)"
+    )
+    parser.add_argument("--calibration-iterations", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--federation", choices=list(FEDERATIONS), default="lenet")
+    parser.add_argument("--weightings", nargs="+", choices=WEIGHTINGS, default=list(WEIGHTINGS))
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.1)
     args = parser.parse_args()
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error("--minutes must be positive")
     torch.set_num_threads(2)
     started = time.monotonic()
     args.out = args.out.resolve()
-    jobs = homogeneous_jobs(args.teacher_epochs, None, Partition.DIRICHLET)
+    jobs = FEDERATIONS[args.federation][1](args.teacher_epochs, None, Partition.DIRICHLET)
     packages = ensure_teachers(args.out / "teachers", jobs)
+    budget = budget_of(args)
     runs = [
-        run(packages, w, seed, args.iterations, args.temperature, args.out / f"{w}-seed{seed}")
+        run(packages, w, seed, budget, args.temperature, args.out / f"{w}-seed{seed}")
         for seed in range(args.seeds)
-        for w in WEIGHTINGS
+        for w in args.weightings
     ]
-    summary = {
-        w: statistics.fmean(r["student_mean"] for r in runs if r["weighting"] == w)
-        for w in WEIGHTINGS
-    }
-    pairs = [
-        c["student_mean"] - e["student_mean"] for e, c in zip(runs[0::2], runs[1::2], strict=True)
-    ]
-    report = {
-        "iterations": args.iterations,
+
+    report: dict[str, Any] = {
+        "federation": args.federation,
+        "budget": budget,
         "seeds": args.seeds,
         "temperature": args.temperature,
         "teacher_epochs": args.teacher_epochs,
         "runs": runs,
-        "mean_student": summary,
-        "mean_difference_confidence_minus_equal": statistics.fmean(pairs),
-        "total_seconds": round(time.monotonic() - started, 1),
+        **summarise(runs, args.weightings),
     }
+    report["total_seconds"] = round(time.monotonic() - started, 1)
     (args.out / "ensemble_weighting.json").write_text(json.dumps(report, indent=2) + "\n")
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"\n### Ensemble weighting on label-skewed owners, {stamp}\n",
-        f"Command: `python bench/ensemble_weighting.py {' '.join(sys.argv[1:])}`; three "
-        f"LeNet-5-BN owners on Dirichlet(0.3) shards ({args.teacher_epochs} epochs), CDFKD-MFS "
-        f"for {args.iterations} iterations (the demo's settings, in-process teachers), tau "
-        f"{args.temperature:g} fixed beforehand; mean of headers on the 10,000 test images.\n",
-        "| seed | teachers % | ensemble % | equal % | confidence % | difference (points) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for equal, confident in zip(runs[0::2], runs[1::2], strict=True):
-        teachers = " / ".join(f"{100 * t:.2f}" for t in equal["teachers"])
-        lines.append(
-            f"| {equal['seed']} | {teachers} | {100 * equal['ensemble']:.2f} | "
-            f"{100 * equal['student_mean']:.2f} | {100 * confident['student_mean']:.2f} | "
-            f"{100 * (confident['student_mean'] - equal['student_mean']):+.2f} |"
-        )
-    append_section("\n".join(lines) + "\n")
+    append_section(markdown(args, report))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 

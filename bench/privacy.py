@@ -1,6 +1,7 @@
 """Privacy against utility: the same distillation under each owner choice, at equal query budgets.
 
     python bench/privacy.py --out DIR [--quick] [--budget-iterations N] [--rows NAME ...]
+        [--distill-seed S]
     python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
         [--dp-architecture A] [--dp-learning-rate LR] [--dp-max-grad-norm C] [--workers W]
@@ -141,7 +142,9 @@ def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
     return "".join(lines)
 
 
-def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, out: Path) -> dict:
+def run_row(
+    name: str, rules: list[dict[str, Any]], packages, pki, budget: int, out: Path, seed: int = 0
+) -> dict:
     node_budget = budget + TEST_IMAGES + 1024  # training budget + the evaluation's queries
     with ExitStack() as stack:
         nodes = []
@@ -174,7 +177,7 @@ def run_row(name: str, rules: list[dict[str, Any]], packages, pki, budget: int, 
         config = RunConfig(
             data=DataConfig(dataset=DatasetName.FASHION_MNIST),
             teachers=remotes,
-            train=train_config(iterations, **overrides),
+            train=train_config(iterations, seed=seed, **overrides),
             run=RunSettings(
                 device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
             ),
@@ -456,7 +459,7 @@ def main() -> None:
         "--distill-seed",
         type=int,
         default=0,
-        help="the distillation's seed (one per table: run the table once per seed)",
+        help="the distillation's seed, in either table (one per table: run it once per seed)",
     )
     parser.add_argument(
         "--dp-epochs",
@@ -496,23 +499,31 @@ def main() -> None:
     packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs))
     pki = create_dev_pki(args.out / "pki")
     rows = [
-        run_row(name, rules, packages, pki, budget, args.out / f"row-{index}")
+        run_row(name, rules, packages, pki, budget, args.out / f"row-{index}", args.distill_seed)
         for index, (name, rules) in enumerate(ROWS)
         if args.rows is None or name in args.rows
     ]
-    report = {"budget_images_per_teacher": budget, "directions": DIRECTIONS, "rows": rows}
+    report = {
+        "budget_images_per_teacher": budget,
+        "directions": DIRECTIONS,
+        "seed": args.distill_seed,
+        "rows": rows,
+    }
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = f"python bench/privacy.py --out {args.out}" + (
         " --quick" if args.quick else f" --budget-iterations {args.budget_iterations}"
     )
+    if args.distill_seed:
+        command += f" --distill-seed {args.distill_seed}"
     if args.rows:
         command += " --rows " + " ".join(f"'{row}'" for row in args.rows)
     lines = [
         f"\n### Privacy against utility, {stamp}\n",
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
         f"budget of {budget:,} images per teacher ({iterations} full-protocol iterations of batch "
-        f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers.\n",
+        f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers; "
+        f"distillation seed {args.distill_seed}.\n",
         "| owner choice | iterations | ended by | student, mean % | student, attention % | "
         "training images per teacher | wall s |",
         "|---|---|---|---|---|---|---|",

@@ -114,9 +114,13 @@ def homogeneous_jobs(
     ]
 
 
-def heterogeneous_jobs(epochs: int, data: Path | None = None) -> list[TeacherJob]:
-    """LeNet-5-BN, ResNet-8 (w8), ResNet-14 (w6) on IID thirds."""
+def heterogeneous_jobs(
+    epochs: int, data: Path | None = None, partition: Partition = Partition.IID
+) -> list[TeacherJob]:
+    """LeNet-5-BN, ResNet-8 (w8), ResNet-14 (w6) on thirds (IID, or Dirichlet-skewed)."""
     common: dict[str, Any] = {"data": data, "num_shards": 3, "epochs": epochs}
+    if partition is not Partition.IID:  # the IID jobs (and their cache keys) stay as they were
+        common |= {"partition": partition, "alpha": DIRICHLET_ALPHA}
     return [
         TeacherJob(name="lenet-1", shard=0, seed=0, **common),
         TeacherJob(
