@@ -490,6 +490,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
+    args.out = args.out.resolve()  # node configs resolve relative paths against their own folder
     if args.epsilon_table:
         epsilon_table(args)
         return
