@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.federation_cost import PLANNING_MARGIN, bounded_settings, timed_iterations  # noqa: E402
 from bench.privacy import train_config  # noqa: E402
 from bench.quality import ensure_teachers, heterogeneous_jobs, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
@@ -42,12 +43,9 @@ from cdfkd.coordinator.config import (  # noqa: E402
     DataConfig,
     PackageTeacher,
     RunConfig,
-    RunSettings,
 )
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
-from cdfkd.student_node.config import TrainConfig  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
-from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
@@ -56,21 +54,6 @@ FEDERATIONS = {
     "lenet": ("three LeNet-5-BN", homogeneous_jobs),
     "heterogeneous": ("LeNet-5-BN, ResNet-8 (w8) and ResNet-14 (w6)", heterogeneous_jobs),
 }
-#: The schedule is planned for this share of the calibrated iterations (bench/federation_cost.py).
-PLANNING_MARGIN = 0.9
-
-
-def seconds_per_iteration(packages: list[Path], train: TrainConfig, count: int) -> float:
-    """Mean seconds of ``count`` iterations after two of warm-up (fresh state, in-process)."""
-    teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
-    torch.manual_seed(train.seed)
-    state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
-    for _ in range(2):
-        run_iteration(state, teachers, train)
-    started = time.perf_counter()
-    for _ in range(count):
-        run_iteration(state, teachers, train)
-    return (time.perf_counter() - started) / count
 
 
 def run(
@@ -89,20 +72,14 @@ def run(
         iterations = int(budget["iterations"])
     else:
         probe = train_config(10**4, **settings)
-        per_iteration = seconds_per_iteration(packages, probe, int(budget["calibration"]))
+        teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
+        per_iteration = timed_iterations(teachers, probe, int(budget["calibration"]))
         iterations = max(3, int(PLANNING_MARGIN * seconds / per_iteration))
     config = RunConfig(
         data=DataConfig(dataset=DatasetName.FASHION_MNIST),
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train_config(iterations, **settings),
-        run=RunSettings(
-            device="cpu",
-            threads=2,
-            max_seconds=seconds,
-            checkpoint_every=10**6,
-            eval_every=10**6,
-            log_every=50,
-        ),
+        run=bounded_settings(seconds, log_every=50),
     )
     result = run_training(config, out, show_progress=False)
     summary = result.summary()

@@ -151,10 +151,24 @@ def remote_configs(addresses: list[str], pki: Any, mode: str) -> tuple[RemoteTea
     )
 
 
+def timed_iterations(
+    teachers: list[Any], train: TrainConfig, count: int, warmup: int = 2, executor: Any = None
+) -> float:
+    """Mean seconds of ``count`` iterations after ``warmup`` (fresh state, these teachers)."""
+    torch.manual_seed(train.seed)
+    state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
+    for _ in range(warmup):
+        run_iteration(state, teachers, train, executor=executor)
+    started = time.perf_counter()
+    for _ in range(count):
+        run_iteration(state, teachers, train, executor=executor)
+    return (time.perf_counter() - started) / count
+
+
 def seconds_per_iteration(
     configs: tuple[RemoteTeacherConfig, ...], train: TrainConfig, count: int, warmup: int = 2
 ) -> float:
-    """Mean seconds of ``count`` iterations after ``warmup`` (fresh state, these teachers).
+    """:func:`timed_iterations` with these remote teachers.
 
     The per-teacher calls fan out on a thread per teacher, as a run's (``run_training``) do:
     without it the three input-gradient calls of a generator step would wait for each other,
@@ -163,14 +177,19 @@ def seconds_per_iteration(
     with ExitStack() as stack:
         teachers = [stack.enter_context(RemoteTeacher(c)) for c in configs]
         fan_out = stack.enter_context(ThreadPoolExecutor(len(teachers), "teacher-fan-out"))
-        torch.manual_seed(train.seed)
-        state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
-        for _ in range(warmup):
-            run_iteration(state, teachers, train, executor=fan_out)
-        started = time.perf_counter()
-        for _ in range(count):
-            run_iteration(state, teachers, train, executor=fan_out)
-        return (time.perf_counter() - started) / count
+        return timed_iterations(teachers, train, count, warmup, fan_out)
+
+
+def bounded_settings(seconds: float | None, log_every: int = 10**6) -> RunSettings:
+    """Two CPU threads, at most ``seconds`` (None: no limit), no mid-run checkpoint or eval."""
+    return RunSettings(
+        device="cpu",
+        threads=2,
+        max_seconds=seconds,
+        checkpoint_every=10**6,
+        eval_every=10**6,
+        log_every=log_every,
+    )
 
 
 def accuracy_run(
@@ -191,14 +210,7 @@ def accuracy_run(
         data=DataConfig(files=data, eval_samples=10),
         teachers=configs,
         train=train_config(mode, planned, seed),
-        run=RunSettings(
-            device="cpu",
-            threads=2,
-            max_seconds=seconds,
-            checkpoint_every=10**6,
-            eval_every=10**6,
-            log_every=10**6,
-        ),
+        run=bounded_settings(seconds),
     )
     result = run_training(config, out, show_progress=False)
     summary = result.summary()
