@@ -195,6 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.minutes is not None and args.minutes <= 0:
         parser.error("--minutes must be positive")
+    args.weightings = list(dict.fromkeys(args.weightings))  # each once: one folder per run
     torch.set_num_threads(2)
     started = time.monotonic()
     args.out = args.out.resolve()
