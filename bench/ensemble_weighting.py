@@ -35,18 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.federation_cost import PLANNING_MARGIN, bounded_settings, timed_iterations  # noqa: E402
-from bench.privacy import train_config  # noqa: E402
+from bench.federation_cost import PLANNING_MARGIN, timed_iterations  # noqa: E402
+from bench.privacy import distill_in_process, train_config  # noqa: E402
 from bench.quality import ensure_teachers, heterogeneous_jobs, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
-from cdfkd.coordinator.config import (  # noqa: E402
-    DataConfig,
-    PackageTeacher,
-    RunConfig,
-)
-from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
-from cdfkd.teacher_node.datasets import DatasetName  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 WEIGHTINGS = ("equal", "confidence")
@@ -75,14 +68,7 @@ def run(
         teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
         per_iteration = timed_iterations(teachers, probe, int(budget["calibration"]))
         iterations = max(3, int(PLANNING_MARGIN * seconds / per_iteration))
-    config = RunConfig(
-        data=DataConfig(dataset=DatasetName.FASHION_MNIST),
-        teachers=tuple(PackageTeacher(package=p) for p in packages),
-        train=train_config(iterations, **settings),
-        run=bounded_settings(seconds, log_every=50),
-    )
-    result = run_training(config, out, show_progress=False)
-    summary = result.summary()
+    result = distill_in_process(packages, train_config(iterations, **settings), out, seconds)
     return {
         "weighting": weighting,
         "seed": seed,
@@ -93,7 +79,7 @@ def run(
         "iterations": result.iterations,
         "planned_iterations": iterations,
         "calibrated_seconds_per_iteration": per_iteration,
-        "ended_by": summary["ended_by"]["reason"],
+        "ended_by": result.ended_by["reason"],
         "train_seconds": round(result.train_seconds, 1),
     }
 

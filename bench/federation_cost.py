@@ -52,7 +52,8 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ from cdfkd.coordinator.config import DataConfig, RunConfig, RunSettings  # noqa:
 from cdfkd.coordinator.nodes import TeacherNodeProcess  # noqa: E402
 from cdfkd.coordinator.training_run import run_training  # noqa: E402
 from cdfkd.student_node.config import TrainConfig  # noqa: E402
+from cdfkd.student_node.teachers.protocol import Teacher  # noqa: E402
 from cdfkd.student_node.teachers.remote import RemoteTeacher, RemoteTeacherConfig  # noqa: E402
 from cdfkd.student_node.trainer import init_state, run_iteration  # noqa: E402
 from cdfkd.teacher_node.pki import create_dev_pki  # noqa: E402
@@ -152,7 +154,11 @@ def remote_configs(addresses: list[str], pki: Any, mode: str) -> tuple[RemoteTea
 
 
 def timed_iterations(
-    teachers: list[Any], train: TrainConfig, count: int, warmup: int = 2, executor: Any = None
+    teachers: Sequence[Teacher],
+    train: TrainConfig,
+    count: int,
+    warmup: int = 2,
+    executor: Executor | None = None,
 ) -> float:
     """Mean seconds of ``count`` iterations after ``warmup`` (fresh state, these teachers)."""
     torch.manual_seed(train.seed)
@@ -180,18 +186,6 @@ def seconds_per_iteration(
         return timed_iterations(teachers, train, count, warmup, fan_out)
 
 
-def bounded_settings(seconds: float | None, log_every: int = 10**6) -> RunSettings:
-    """Two CPU threads, at most ``seconds`` (None: no limit), no mid-run checkpoint or eval."""
-    return RunSettings(
-        device="cpu",
-        threads=2,
-        max_seconds=seconds,
-        checkpoint_every=10**6,
-        eval_every=10**6,
-        log_every=log_every,
-    )
-
-
 def accuracy_run(
     mode: str,
     seconds: float,
@@ -210,7 +204,14 @@ def accuracy_run(
         data=DataConfig(files=data, eval_samples=10),
         teachers=configs,
         train=train_config(mode, planned, seed),
-        run=bounded_settings(seconds),
+        run=RunSettings(
+            device="cpu",
+            threads=2,
+            max_seconds=seconds,
+            checkpoint_every=10**6,
+            eval_every=10**6,
+            log_every=10**6,
+        ),
     )
     result = run_training(config, out, show_progress=False)
     summary = result.summary()

@@ -240,14 +240,24 @@ def dp_jobs(
     ]
 
 
-def distill_in_process(packages: list[Path], train: TrainConfig, out: Path) -> RunResult:
-    """CDFKD-MFS on Fashion-MNIST from ``packages`` served in-process, no mid-run checkpoints."""
+def distill_in_process(
+    packages: list[Path], train: TrainConfig, out: Path, max_seconds: float | None = None
+) -> RunResult:
+    """CDFKD-MFS on Fashion-MNIST from ``packages`` served in-process, no mid-run checkpoints.
+
+    ``max_seconds``: the run's wall-clock bound (``run.max_seconds``; None: none).
+    """
     config = RunConfig(
         data=DataConfig(dataset=DatasetName.FASHION_MNIST),
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train,
         run=RunSettings(
-            device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
+            device="cpu",
+            threads=2,
+            max_seconds=max_seconds,
+            checkpoint_every=10**6,
+            eval_every=10**6,
+            log_every=50,
         ),
     )
     return run_training(config, out, show_progress=False)
@@ -490,6 +500,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
+    given_out = args.out  # the report's command line shows the folder as given
     args.out = args.out.resolve()  # node configs resolve relative paths against their own folder
     if args.epsilon_table:
         epsilon_table(args)
@@ -512,7 +523,7 @@ def main() -> None:
     }
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python bench/privacy.py --out {args.out}" + (
+    command = f"python bench/privacy.py --out {given_out}" + (
         " --quick" if args.quick else f" --budget-iterations {args.budget_iterations}"
     )
     if args.distill_seed:
