@@ -44,6 +44,9 @@ def test_the_issue_modes_are_the_paper_loop_and_the_cheaper_ones() -> None:
     assert alone is not None
     assert alone.keep_generator_batch
     assert alone.new_batches == 0
+    alone_k10 = train_config("generator_batch_only_k10_pipelined_float16", 90, seed=0)
+    assert alone_k10.replay == alone
+    assert alone_k10.student_steps_per_generator_step == k10.student_steps_per_generator_step
 
 
 @pytest.mark.parametrize("iterations", [3, 29, 30, 900, 1234])
