@@ -11,6 +11,12 @@ LeNet-5-BN, ResNet-8 (w8) and ResNet-14 (w6) (``heterogeneous``). For each seed,
 CDFKD-MFS run (bench/privacy.py's demo settings, in-process teachers) with each
 ``ensemble_weighting`` asked for (tau fixed beforehand, not tuned).
 
+Two readings of the student: the mean of its headers, and the attention aggregate of METHOD.md
+section 3 (trained on k = 60 class-balanced labelled training samples, as every ``cdfkd`` run
+trains it). The ensemble is the mean of the teachers' logits, which reads no labelled sample;
+so the table also gives the teachers' ensemble weighted by the same attention trained on the
+same k samples (teachers frozen): the fair reference for the student's attention aggregate.
+
 The budget is ``--iterations``, or ``--minutes`` of wall-clock on this machine: then each run is
 bounded by that many seconds (``run.max_seconds``) and its learning-rate schedule is planned for
 90 % of the iterations a short calibration of that run's settings predicts (as in
@@ -39,7 +45,15 @@ from bench.federation_cost import PLANNING_MARGIN, timed_iterations  # noqa: E40
 from bench.privacy import distill_in_process, train_config  # noqa: E402
 from bench.quality import ensure_teachers, heterogeneous_jobs, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
+from cdfkd.student_node.evaluate import EVAL_BATCH_SIZE  # noqa: E402
+from cdfkd.student_node.models.aggregator import (  # noqa: E402
+    AttentionConfig,
+    new_aggregator,
+    train_attention,
+)
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
+from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset, stratified_sample  # noqa: E402
+from cdfkd.teacher_node.metrics import accuracy, batched  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 WEIGHTINGS = ("equal", "confidence")
@@ -73,6 +87,7 @@ def run(
         "weighting": weighting,
         "seed": seed,
         "student_mean": result.student.mean,
+        "student_attention": result.student.attention,
         "student_headers": result.student.headers,
         "teachers": result.teachers.teachers,
         "ensemble": result.teachers.ensemble,
@@ -84,6 +99,45 @@ def run(
     }
 
 
+def teacher_attention(
+    packages: list[Path], seed: int, dataset: DatasetName = DatasetName.FASHION_MNIST
+) -> float:
+    """Test accuracy of the teachers' ensemble weighted by an attention module (METHOD.md 3).
+
+    Trained as a run trains the student's (``AttentionConfig()``: the same k class-balanced
+    training samples for ``seed``, the same initial scorer and batch order), the teachers frozen.
+    """
+    config = AttentionConfig()
+    train = load_dataset(dataset, Split.TRAIN)
+    test = load_dataset(dataset, Split.TEST)
+    teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
+
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                batched(
+                    lambda x, t=t: t.query(x, features=False, bn_loss=False).logits,
+                    pixels,
+                    EVAL_BATCH_SIZE,
+                )
+                for t in teachers
+            ]
+        )
+
+    chosen = stratified_sample(train.labels, config.samples, seed=seed)
+    aggregator = new_aggregator(train.num_classes, seed)
+    train_attention(
+        aggregator,
+        logits(train.images[chosen]),
+        train.labels[chosen],
+        config,
+        torch.Generator().manual_seed(seed),
+    )
+    aggregator.eval()
+    with torch.no_grad():
+        return accuracy(aggregator(logits(test.images)), test.labels)
+
+
 def budget_of(args: argparse.Namespace) -> dict[str, float]:
     if args.minutes is None:
         return {"iterations": args.iterations}
@@ -92,6 +146,10 @@ def budget_of(args: argparse.Namespace) -> dict[str, float]:
 
 def _spread(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _mean_and_spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": _spread(values)}
 
 
 def summarise(runs: list[dict[str, Any]], weightings: list[str]) -> dict[str, Any]:
@@ -107,15 +165,31 @@ def summarise(runs: list[dict[str, Any]], weightings: list[str]) -> dict[str, An
     summary: dict[str, Any] = {
         "mean_student": {w: statistics.fmean(v) for w, v in student.items()},
         "std_student": {w: _spread(v) for w, v in student.items()},
-        "gap_to_ensemble": {
-            w: {"mean": statistics.fmean(v), "std": _spread(v)} for w, v in gap.items()
-        },
+        "gap_to_ensemble": {w: _mean_and_spread(v) for w, v in gap.items()},
     }
+    if all(r.get("student_attention") is not None for r in runs):
+        summary["student_attention"] = {
+            w: _mean_and_spread([r["student_attention"] for r in runs if r["weighting"] == w])
+            for w in weightings
+        }
+        summary["attention_gap_to_ensemble"] = {
+            w: _mean_and_spread(
+                [r["student_attention"] - r["ensemble"] for r in runs if r["weighting"] == w]
+            )
+            for w in weightings
+        }
+    if all(r.get("teacher_attention") is not None for r in runs):
+        first_of_seed = {r["seed"]: r["teacher_attention"] for r in runs}
+        summary["teacher_attention"] = _mean_and_spread(list(first_of_seed.values()))
     if set(weightings) == set(WEIGHTINGS):  # runs are seed-major, so the lists pair by seed
         summary["mean_difference_confidence_minus_equal"] = statistics.fmean(
             c - e for e, c in zip(student["equal"], student["confidence"], strict=True)
         )
     return summary
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
@@ -134,11 +208,13 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
         f"Command: `python bench/ensemble_weighting.py {' '.join(sys.argv[1:])}`; {owners} "
         f"owners on Dirichlet(0.3) shards ({args.teacher_epochs} epochs), CDFKD-MFS {budget} "
         f"(the demo's settings, in-process teachers, 2 threads), tau {args.temperature:g} fixed "
-        "beforehand; mean of headers on the 10,000 test images, read once per run.\n",
-        "| seed | teachers % | ensemble % | "
-        + " | ".join(f"{w} % (iterations)" for w in weightings)
-        + " | student - ensemble (points) |",
-        "|---|---|---|" + "---|" * len(weightings) + "---|",
+        "beforehand; the 10,000 test images read once per run. A student cell is the mean of "
+        "headers / the attention aggregate (k = 60 labelled training samples); the teachers' "
+        "attention is their ensemble weighted by the same attention on the same samples.\n",
+        "| seed | teachers % | ensemble % | teachers' attention % | "
+        + " | ".join(f"{w}: headers / attention % (iterations)" for w in weightings)
+        + " | headers - ensemble (points) |",
+        "|---|---|---|---|" + "---|" * len(weightings) + "---|",
     ]
     by_seed: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
@@ -147,20 +223,36 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
         first = cells[0]
         teachers = " / ".join(f"{100 * t:.2f}" for t in first["teachers"])
         students = " | ".join(
-            f"{100 * c['student_mean']:.2f} ({c['iterations']}"
+            f"{100 * c['student_mean']:.2f} / {_pct(c.get('student_attention'))} "
+            f"({c['iterations']}"
             + ("" if c["ended_by"] == "completed" else f", stopped by {c['ended_by']}")
             + ")"
             for c in cells
         )
         gaps = " / ".join(f"{100 * (c['student_mean'] - c['ensemble']):+.2f}" for c in cells)
         lines.append(
-            f"| {seed} | {teachers} | {100 * first['ensemble']:.2f} | {students} | {gaps} |"
+            f"| {seed} | {teachers} | {100 * first['ensemble']:.2f} | "
+            f"{_pct(first.get('teacher_attention'))} | {students} | {gaps} |"
         )
     for w, gap in report["gap_to_ensemble"].items():
         lines.append(
             f"\n{w}: student {100 * report['mean_student'][w]:.2f} ± "
             f"{100 * report['std_student'][w]:.2f} %, {100 * gap['mean']:+.2f} ± "
             f"{100 * gap['std']:.2f} points from the ensemble over {args.seeds} seed(s)."
+        )
+        if "student_attention" in report:
+            attention = report["student_attention"][w]
+            attention_gap = report["attention_gap_to_ensemble"][w]
+            lines.append(
+                f"{w}: attention aggregate {100 * attention['mean']:.2f} ± "
+                f"{100 * attention['std']:.2f} %, {100 * attention_gap['mean']:+.2f} ± "
+                f"{100 * attention_gap['std']:.2f} points from the ensemble."
+            )
+    if "teacher_attention" in report:
+        reference = report["teacher_attention"]
+        lines.append(
+            f"\nTeachers' ensemble weighted by attention on the same samples: "
+            f"{100 * reference['mean']:.2f} ± {100 * reference['std']:.2f} %."
         )
     return "\n".join(lines) + "\n"
 
@@ -188,8 +280,12 @@ def main() -> None:
     jobs = FEDERATIONS[args.federation][1](args.teacher_epochs, None, Partition.DIRICHLET)
     packages = ensure_teachers(args.out / "teachers", jobs)
     budget = budget_of(args)
+    references = {seed: teacher_attention(packages, seed) for seed in range(args.seeds)}
     runs = [
-        run(packages, w, seed, budget, args.temperature, args.out / f"{w}-seed{seed}")
+        {
+            **run(packages, w, seed, budget, args.temperature, args.out / f"{w}-seed{seed}"),
+            "teacher_attention": references[seed],
+        }
         for seed in range(args.seeds)
         for w in args.weightings
     ]

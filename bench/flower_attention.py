@@ -34,11 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import append_section  # noqa: E402
-from cdfkd.coordinator.flower.owner import new_aggregator, owner_logits  # noqa: E402
+from cdfkd.coordinator.flower.owner import owner_logits  # noqa: E402
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings  # noqa: E402
 from cdfkd.coordinator.flower.simulation import simulate  # noqa: E402
 from cdfkd.student_node.artifact import load_student  # noqa: E402
-from cdfkd.student_node.models.aggregator import AttentionConfig, train_attention  # noqa: E402
+from cdfkd.student_node.models.aggregator import (  # noqa: E402
+    AttentionConfig,
+    new_aggregator,  # noqa: E402
+    train_attention,
+)
 from cdfkd.teacher_node.metrics import accuracy  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 

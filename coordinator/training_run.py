@@ -63,7 +63,11 @@ from cdfkd.student_node.evaluate import (
     evaluate_teachers,
     header_logits,
 )
-from cdfkd.student_node.models.aggregator import AttentionAggregator, train_attention
+from cdfkd.student_node.models.aggregator import (
+    AttentionAggregator,
+    new_aggregator,
+    train_attention,
+)
 from cdfkd.student_node.models.multi_header import inference_parameters
 from cdfkd.student_node.teachers.local import InProcessTeacher
 from cdfkd.student_node.teachers.protocol import Teacher
@@ -544,10 +548,7 @@ def _fit_attention(
     chosen = stratified_sample(train_set.labels, attention.samples, seed=config.train.seed)
     images: Tensor = space.prepare(train_set.images[chosen], real.source).to(device)
     labels = train_set.labels[chosen].to(device)
-    aggregator = AttentionAggregator(train_set.num_classes).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        aggregator.reset_parameters()
+    aggregator = new_aggregator(train_set.num_classes, config.train.seed).to(device)
     history = train_attention(
         aggregator,
         header_logits(state.student, images),

@@ -6,8 +6,16 @@ import argparse
 
 import pytest
 
-from bench.ensemble_weighting import FEDERATIONS, budget_of, markdown, summarise
+from bench.ensemble_weighting import (
+    FEDERATIONS,
+    budget_of,
+    markdown,
+    summarise,
+    teacher_attention,
+)
 from bench.quality import heterogeneous_jobs
+from cdfkd.student_node.evaluate import evaluate_teachers
+from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset
 from cdfkd.teacher_node.training import Partition
 
 
@@ -16,6 +24,8 @@ def _run(weighting: str, seed: int, student: float, ensemble: float = 0.80) -> d
         "weighting": weighting,
         "seed": seed,
         "student_mean": student,
+        "student_attention": student + 0.05,
+        "teacher_attention": 0.83 + seed / 100,
         "ensemble": ensemble,
         "teachers": [0.6, 0.7, 0.75],
         "iterations": 100 + seed,
@@ -68,7 +78,20 @@ def test_the_budget_is_iterations_or_calibrated_minutes_and_the_table_says_which
     text = markdown(args, {"runs": runs, **summarise(runs, ["equal"])})
     assert "15 minutes of wall-clock" in text
     assert "ResNet-14" in text
-    assert "76.00 (100, stopped by max_seconds)" in text
-    assert "78.00 (101)" in text
+    assert "| 83.00 | 76.00 / 81.00 (100, stopped by max_seconds)" in text
+    assert "| 84.00 | 78.00 / 83.00 (101)" in text
     assert "-3.00 ± 1.00 points from the ensemble over 2 seed(s)" in text
+    assert "attention aggregate 82.00 ± 1.00 %, +2.00 ± 1.00 points from the ensemble" in text
+    assert "weighted by attention on the same samples: 83.50 ± 0.50 %" in text
     assert budget_of(argparse.Namespace(iterations=300, minutes=None)) == {"iterations": 300}
+
+
+def test_the_teachers_attention_reference_is_reproducible_and_not_below_its_teachers(
+    digits_teachers,
+) -> None:
+    test = load_dataset(DatasetName.DIGITS, Split.TEST)
+    alone = evaluate_teachers(digits_teachers.load(), test.images, test.labels)
+    reference = teacher_attention(digits_teachers.packages, seed=0, dataset=DatasetName.DIGITS)
+    # Wrongly scaled pixels or mismatched labels would drop it to chance (10 classes).
+    assert reference >= min(alone.teachers) - 0.02
+    assert teacher_attention(digits_teachers.packages, 0, DatasetName.DIGITS) == reference

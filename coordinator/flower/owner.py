@@ -50,15 +50,6 @@ def owner_logits(settings: FederatedAttentionSettings, owner: int) -> OwnerLogit
     )
 
 
-def new_aggregator(num_classes: int, seed: int) -> AttentionAggregator:
-    """The attention module every round starts from before the first aggregation."""
-    aggregator = AttentionAggregator(num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        aggregator.reset_parameters()
-    return aggregator
-
-
 def train_locally(
     settings: FederatedAttentionSettings,
     owner: int,

@@ -17,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 
-from cdfkd.coordinator.flower.owner import new_aggregator
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings
 from cdfkd.student_node.artifact import load_student
+from cdfkd.student_node.models.aggregator import new_aggregator
 
 AGGREGATOR_FILE = "aggregator.safetensors"
 SUMMARY_FILE = "flower.json"

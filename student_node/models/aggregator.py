@@ -32,6 +32,15 @@ class AttentionAggregator(nn.Module):
         return torch.einsum("bn,nbk->bk", alpha, header_logits)
 
 
+def new_aggregator(num_classes: int, seed: int) -> AttentionAggregator:
+    """A module whose scorer is drawn from ``seed`` (the global RNG is left as it was)."""
+    aggregator = AttentionAggregator(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aggregator.reset_parameters()
+    return aggregator
+
+
 class AttentionConfig(BaseModel):
     """Training of the attention module on the k real samples (student frozen)."""
 

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from cdfkd.coordinator.config import parse_run_config
 from cdfkd.coordinator.errors import ConfigError
-from cdfkd.coordinator.flower.owner import new_aggregator, owner_logits, train_locally
+from cdfkd.coordinator.flower.owner import owner_logits, train_locally
 from cdfkd.coordinator.flower.settings import FederatedAttentionSettings, merge_node_config
 from cdfkd.coordinator.training_run import run_training
 from cdfkd.student_node.artifact import load_student
 from cdfkd.student_node.evaluate import evaluate_student
-from cdfkd.student_node.models.aggregator import AttentionAggregator
+from cdfkd.student_node.models.aggregator import AttentionAggregator, new_aggregator
 from cdfkd.teacher_node.datasets import (
     DatasetName,
     Normalization,
