@@ -45,7 +45,7 @@ from bench.federation_cost import PLANNING_MARGIN, timed_iterations  # noqa: E40
 from bench.privacy import distill_in_process, train_config  # noqa: E402
 from bench.quality import ensure_teachers, heterogeneous_jobs, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
-from cdfkd.student_node.evaluate import EVAL_BATCH_SIZE  # noqa: E402
+from cdfkd.student_node.evaluate import teacher_logits  # noqa: E402
 from cdfkd.student_node.models.aggregator import (  # noqa: E402
     AttentionConfig,
     new_aggregator,
@@ -53,7 +53,7 @@ from cdfkd.student_node.models.aggregator import (  # noqa: E402
 )
 from cdfkd.student_node.teachers.local import InProcessTeacher  # noqa: E402
 from cdfkd.teacher_node.datasets import DatasetName, Split, load_dataset, stratified_sample  # noqa: E402
-from cdfkd.teacher_node.metrics import accuracy, batched  # noqa: E402
+from cdfkd.teacher_node.metrics import accuracy  # noqa: E402
 from cdfkd.teacher_node.training import Partition  # noqa: E402
 
 WEIGHTINGS = ("equal", "confidence")
@@ -100,12 +100,12 @@ def run(
 
 
 def teacher_attention(
-    packages: list[Path], seed: int, dataset: DatasetName = DatasetName.FASHION_MNIST
-) -> float:
-    """Test accuracy of the teachers' ensemble weighted by an attention module (METHOD.md 3).
+    packages: list[Path], seeds: list[int], dataset: DatasetName = DatasetName.FASHION_MNIST
+) -> dict[int, float]:
+    """Per seed, the test accuracy of the teachers' ensemble weighted by attention (METHOD.md 3).
 
     Trained as a run trains the student's (``AttentionConfig()``: the same k class-balanced
-    training samples for ``seed``, the same initial scorer and batch order), the teachers frozen.
+    training samples for the seed, the same initial scorer and batch order), teachers frozen.
     """
     config = AttentionConfig()
     train = load_dataset(dataset, Split.TRAIN)
@@ -113,29 +113,24 @@ def teacher_attention(
     teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.stack(
-            [
-                batched(
-                    lambda x, t=t: t.query(x, features=False, bn_loss=False).logits,
-                    pixels,
-                    EVAL_BATCH_SIZE,
-                )
-                for t in teachers
-            ]
-        )
+        return torch.stack([teacher_logits(t, pixels) for t in teachers])
 
-    chosen = stratified_sample(train.labels, config.samples, seed=seed)
-    aggregator = new_aggregator(train.num_classes, seed)
-    train_attention(
-        aggregator,
-        logits(train.images[chosen]),
-        train.labels[chosen],
-        config,
-        torch.Generator().manual_seed(seed),
-    )
-    aggregator.eval()
-    with torch.no_grad():
-        return accuracy(aggregator(logits(test.images)), test.labels)
+    test_logits = logits(test.images)
+    accuracies = {}
+    for seed in seeds:
+        chosen = stratified_sample(train.labels, config.samples, seed=seed)
+        aggregator = new_aggregator(train.num_classes, seed)
+        train_attention(
+            aggregator,
+            logits(train.images[chosen]),
+            train.labels[chosen],
+            config,
+            torch.Generator().manual_seed(seed),
+        )
+        aggregator.eval()
+        with torch.no_grad():
+            accuracies[seed] = accuracy(aggregator(test_logits), test.labels)
+    return accuracies
 
 
 def budget_of(args: argparse.Namespace) -> dict[str, float]:
@@ -280,7 +275,7 @@ def main() -> None:
     jobs = FEDERATIONS[args.federation][1](args.teacher_epochs, None, Partition.DIRICHLET)
     packages = ensure_teachers(args.out / "teachers", jobs)
     budget = budget_of(args)
-    references = {seed: teacher_attention(packages, seed) for seed in range(args.seeds)}
+    references = teacher_attention(packages, list(range(args.seeds)))
     runs = [
         {
             **run(packages, w, seed, budget, args.temperature, args.out / f"{w}-seed{seed}"),

@@ -40,7 +40,7 @@ from cdfkd.coordinator.flower.simulation import simulate  # noqa: E402
 from cdfkd.student_node.artifact import load_student  # noqa: E402
 from cdfkd.student_node.models.aggregator import (  # noqa: E402
     AttentionConfig,
-    new_aggregator,  # noqa: E402
+    new_aggregator,
     train_attention,
 )
 from cdfkd.teacher_node.metrics import accuracy  # noqa: E402

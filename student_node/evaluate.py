@@ -75,6 +75,13 @@ def evaluate_student(
     )
 
 
+def teacher_logits(teacher: Teacher, images: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+    """``teacher``'s logits ``(B, K)`` on ``images``, asked ``batch_size`` at a time."""
+    return batched(
+        lambda x: teacher.query(x, features=False, bn_loss=False).logits, images, batch_size
+    )
+
+
 def evaluate_teachers(
     teachers: Sequence[Teacher],
     images: Tensor,
@@ -99,13 +106,7 @@ def evaluate_teachers(
     logits: list[Tensor | None] = []
     for teacher in teachers:
         try:
-            logits.append(
-                batched(
-                    lambda x, t=teacher: t.query(x, features=False, bn_loss=False).logits,
-                    images,
-                    batch_size,
-                )
-            )
+            logits.append(teacher_logits(teacher, images, batch_size))
         except TeacherBudgetExhausted as error:
             if not skip_exhausted:
                 raise
