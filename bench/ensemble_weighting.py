@@ -80,7 +80,7 @@ def run(
     else:
         probe = train_config(10**4, **settings)
         teachers = [InProcessTeacher.from_package(p, torch.device("cpu")) for p in packages]
-        per_iteration = timed_iterations(teachers, probe, int(budget["calibration"]))
+        per_iteration = timed_iterations(teachers, probe, int(budget["calibration"])).seconds
         iterations = max(3, int(PLANNING_MARGIN * seconds / per_iteration))
     result = distill_in_process(packages, train_config(iterations, **settings), out, seconds)
     return {

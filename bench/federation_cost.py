@@ -1,7 +1,8 @@
 """What a point of accuracy costs across a federation: teacher images, wire bytes, wall-clock.
 
     python bench/federation_cost.py --out DIR [--quick] [--seeds N] [--minutes [M ...]]
-                                    [--modes NAME [NAME ...]] [--wan-iterations N]
+                                    [--teacher-images N [N ...]] [--modes NAME [NAME ...]]
+                                    [--wan-iterations N]
 
 Three LeNet-5-BN owners on disjoint IID thirds of Fashion-MNIST (training split less a
 5,000-image validation split, held out first, as in bench/quality.py), each a teacher node
@@ -28,6 +29,12 @@ calibration of that mode just before (decay by 0.1 at 2/3 of them; planned for 9
 predicted iterations, :data:`PLANNING_MARGIN`), so that no mode is cut off
 before its decay. The test split is read once, at the end of each run; nothing is chosen here
 on it (the modes' settings are fixed in :data:`MODES`, not tuned).
+
+**Accuracy at a teacher-image budget** (``--teacher-images N``). The same, but each run is
+planned for the most iterations whose training teacher images (all teachers together, as
+``summary.json``'s ``teacher_images``) stay within N, measured by the same calibration, with one
+iteration to spare for answers asked ahead (:func:`iterations_within`), and no wall-clock bound:
+what a mode reaches with a share of another's images, however long it takes.
 
 **The emulated link.** For each mode, a fixed number of iterations with the nodes reached
 directly on loopback and through the userspace proxy emulating a 50 ms round trip and
@@ -57,6 +64,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,27 +171,65 @@ def remote_configs(addresses: list[str], pki: Any, mode: str) -> tuple[RemoteTea
     )
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """A mode's measured cost with these teachers, from a fresh state.
+
+    ``seconds``: per iteration after the warm-up; ``first_images``: the teachers' images of the
+    first iteration (with a memory it fills it); ``images``: per iteration after the warm-up
+    (all teachers together, as ``summary.json``'s ``teacher_images``).
+    """
+
+    seconds: float
+    first_images: int
+    images: float
+
+
+def _images(teachers: Sequence[Teacher]) -> int:
+    return sum(getattr(t, "images_answered", 0) for t in teachers)
+
+
 def timed_iterations(
     teachers: Sequence[Teacher],
     train: TrainConfig,
     count: int,
     warmup: int = 2,
     executor: Executor | None = None,
-) -> float:
-    """Mean seconds of ``count`` iterations after ``warmup`` (fresh state, these teachers)."""
+) -> Calibration:
+    """``count`` iterations after ``warmup`` (at least 1) from a fresh state, timed and counted."""
+    if warmup < 1:
+        raise ValueError("the calibration needs a warm-up iteration to count the first one")
     torch.manual_seed(train.seed)
     state = init_state(train, [t.info() for t in teachers], torch.device("cpu"))
-    for _ in range(warmup):
+    before = _images(teachers)
+    run_iteration(state, teachers, train, executor=executor)
+    first = _images(teachers) - before
+    for _ in range(warmup - 1):
         run_iteration(state, teachers, train, executor=executor)
+    warm = _images(teachers)
     started = time.perf_counter()
     for _ in range(count):
         run_iteration(state, teachers, train, executor=executor)
-    return (time.perf_counter() - started) / count
+    seconds = (time.perf_counter() - started) / count
+    return Calibration(seconds, first, (_images(teachers) - warm) / count)
 
 
-def seconds_per_iteration(
+def iterations_within(images: int, calibration: Calibration) -> int:
+    """The most iterations whose teacher images stay within ``images``, one iteration to spare.
+
+    The spare iteration covers answers asked ahead and not used when the run ends.
+    """
+    if calibration.images <= 0:
+        raise ValueError("this mode asks the teachers nothing per iteration: no image budget")
+    planned = math.floor((images - calibration.first_images) / calibration.images)
+    if planned < 3:
+        raise ValueError(f"{images:,} teacher images buy fewer than 3 iterations of this mode")
+    return planned
+
+
+def calibrate(
     configs: tuple[RemoteTeacherConfig, ...], train: TrainConfig, count: int, warmup: int = 2
-) -> float:
+) -> Calibration:
     """:func:`timed_iterations` with these remote teachers.
 
     The per-teacher calls fan out on a thread per teacher, as a run's (``run_training``) do:
@@ -198,18 +244,27 @@ def seconds_per_iteration(
 
 def accuracy_run(
     mode: str,
-    seconds: float,
+    budget: float | int,
     seed: int,
     addresses: list[str],
     pki: Any,
     data: Path,
     out: Path,
     calibration: int,
+    by_images: bool = False,
 ) -> dict[str, Any]:
-    """One run of ``mode`` bounded by ``seconds``, its schedule planned from a calibration."""
+    """One run of ``mode`` within ``budget``, its schedule planned from a calibration.
+
+    ``budget``: wall-clock seconds (``run.max_seconds``); with ``by_images``, the teachers'
+    training images instead (all teachers together), the schedule planned for the most
+    iterations within them (:func:`iterations_within`) and no wall-clock bound.
+    """
     configs = remote_configs(addresses, pki, mode)
-    per_iteration = seconds_per_iteration(configs, train_config(mode, 10**4, seed), calibration)
-    planned = max(3, int(PLANNING_MARGIN * seconds / per_iteration))
+    measured = calibrate(configs, train_config(mode, 10**4, seed), calibration)
+    if by_images:
+        planned = iterations_within(int(budget), measured)
+    else:
+        planned = max(3, int(PLANNING_MARGIN * budget / measured.seconds))
     config = RunConfig(
         data=DataConfig(files=data, eval_samples=10),
         teachers=configs,
@@ -217,7 +272,7 @@ def accuracy_run(
         run=RunSettings(
             device="cpu",
             threads=2,
-            max_seconds=seconds,
+            max_seconds=None if by_images else budget,
             checkpoint_every=10**6,
             eval_every=10**6,
             log_every=10**6,
@@ -232,7 +287,9 @@ def accuracy_run(
         "wire_bytes": summary["training_wire_bytes"],
         "iterations": summary["iterations"],
         "planned_iterations": planned,
-        "calibrated_seconds_per_iteration": round(per_iteration, 4),
+        "calibrated_seconds_per_iteration": round(measured.seconds, 4),
+        "calibrated_images_per_iteration": measured.images,
+        "image_budget": int(budget) if by_images else None,
         "seconds": summary["train_seconds"],
         "ended_by": summary["ended_by"]["reason"],
         "teacher_ensemble": summary["teacher_ensemble_accuracy"],
@@ -315,7 +372,7 @@ def wan_comparison(
     loopback, emulated, wan_bytes = [], [], 0
     for _ in range(rounds):
         direct = remote_configs(addresses, pki, mode)
-        loopback.append(1.0 / seconds_per_iteration(direct, train, iterations, warmup=1))
+        loopback.append(1.0 / calibrate(direct, train, iterations, warmup=1).seconds)
         with ExitStack() as stack:
             proxies: list[RecordingProxy | ProxyProcess] = []
             for address in addresses:
@@ -326,7 +383,7 @@ def wan_comparison(
                     proxy = RecordingProxy((host, int(port)), keep=False, link=link)
                     proxies.append(stack.enter_context(proxy))
             behind = remote_configs([p.address for p in proxies], pki, mode)
-            emulated.append(1.0 / seconds_per_iteration(behind, train, iterations, warmup=1))
+            emulated.append(1.0 / calibrate(behind, train, iterations, warmup=1).seconds)
         wan_bytes += sum(p.total for p in proxies)
     loopback_rate, emulated_rate = statistics.fmean(loopback), statistics.fmean(emulated)
     return {
@@ -360,6 +417,11 @@ def markdown(args: argparse.Namespace, report: dict[str, Any]) -> str:
         "`generator_batch_only_*` also sets new_batches 0); "
         f"prefetch {PREFETCH}.\n",
     ]
+    if report.get("teacher_images"):
+        lines.append(
+            "\nA budget in images: each run planned for the most iterations whose training "
+            "teacher images (all teachers) stay within it, no wall-clock bound.\n"
+        )
     if report["modes"]:
         lines += [
             "| mode | budget | accuracy % | per seed % | iterations | schedule completed "
@@ -414,6 +476,15 @@ def main() -> None:
         default=[5.0, 15.0],
         help="wall-clock budgets of the accuracy runs; none (a bare --minutes): the link only",
     )
+    parser.add_argument(
+        "--teacher-images",
+        type=int,
+        nargs="+",
+        default=[],
+        help="image budgets of further accuracy runs: each planned for the most iterations whose "
+        "training teacher images (all teachers together) stay within the budget, with no "
+        "wall-clock bound",
+    )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--calibration-iterations", type=int, default=6)
@@ -451,7 +522,12 @@ def main() -> None:
         homogeneous_jobs(args.teacher_epochs, paths.owners),
     )
     pki = create_dev_pki(args.out / "pki", force=True)  # this run's own, fresh each time
-    report: dict[str, Any] = {"seeds": args.seeds, "minutes": args.minutes, "quick": args.quick}
+    report: dict[str, Any] = {
+        "seeds": args.seeds,
+        "minutes": args.minutes,
+        "teacher_images": args.teacher_images,
+        "quick": args.quick,
+    }
     with ExitStack() as stack:
         nodes = [
             stack.enter_context(
@@ -461,28 +537,37 @@ def main() -> None:
         ]
         addresses = [node.address for node in nodes]
         modes: dict[str, Any] = {}
+        budgets_asked = [(minutes * 60, f"{minutes:g} min", False) for minutes in args.minutes]
+        budgets_asked += [(images, f"{images:,} images", True) for images in args.teacher_images]
         for name in args.modes:
             budgets = {}
-            for minutes in args.minutes:
+            for budget, label, by_images in budgets_asked:
                 runs = [
                     accuracy_run(
                         name,
-                        minutes * 60,
+                        budget,
                         seed,
                         addresses,
                         pki,
                         paths.final,
-                        args.out / "runs" / f"{name}-{minutes:g}min-seed{seed}",
+                        args.out / "runs" / f"{name}-{label.replace(',', '').replace(' ', '')}"
+                        f"-seed{seed}",
                         args.calibration_iterations,
+                        by_images,
                     )
                     for seed in range(args.seeds)
                 ]
-                budgets[f"{minutes:g} min"] = aggregate(runs)
-                logger.info("%s %g min: %s", name, minutes, budgets[f"{minutes:g} min"]["accuracy"])
+                budgets[label] = aggregate(runs)
+                logger.info("%s %s: %s", name, label, budgets[label]["accuracy"])
             if budgets:
-                largest = budgets[f"{max(args.minutes):g} min"]
+                # The headline: the largest wall-clock budget, else the largest image budget.
+                headline = (
+                    f"{max(args.minutes):g} min"
+                    if args.minutes
+                    else f"{max(args.teacher_images):,} images"
+                )
                 modes[name] = {
-                    **{k: v for k, v in largest.items() if k != "runs"},
+                    **{k: v for k, v in budgets[headline].items() if k != "runs"},
                     "budgets": budgets,
                 }
         per_mode = {

@@ -8,7 +8,16 @@ import threading
 
 import pytest
 
-from bench.federation_cost import MODES, ProxyProcess, aggregate, markdown, train_config
+from bench.federation_cost import (
+    MODES,
+    Calibration,
+    ProxyProcess,
+    aggregate,
+    iterations_within,
+    markdown,
+    timed_iterations,
+    train_config,
+)
 
 
 def _run(seed: int, accuracy: float) -> dict:
@@ -124,3 +133,61 @@ def test_a_proxy_process_forwards_and_reports_its_bytes() -> None:
     server.close()
     assert received == b"x" * 5000
     assert proxy.total == 10_000  # both directions, counted by the proxy process
+
+
+@pytest.mark.parametrize(
+    ("mode", "batches"),
+    [
+        ("paper", 5 + 2),  # K fresh batches, the generator step's Query and VJP
+        ("replay_generator_batch_pipelined_float16", 1 + 2),
+        ("generator_batch_only_k10_pipelined_float16", 0 + 2),
+    ],
+)
+def test_the_calibration_counts_the_images_each_iteration_asks_of_the_teachers(
+    digits_teachers, mode: str, batches: int
+) -> None:
+    teachers = digits_teachers.load()
+    train = train_config(mode, 10**4, seed=0)
+    measured = timed_iterations(teachers, train, count=2, warmup=1)
+    per_iteration = batches * train.batch_size * len(teachers)
+    assert measured.images == per_iteration
+    assert measured.first_images >= per_iteration
+    assert measured.seconds > 0
+    # A run planned within a budget stays within it, the next iteration would not.
+    budget = measured.first_images + 40 * per_iteration + per_iteration // 2
+    planned = iterations_within(budget, measured)
+    assert planned == 40
+    assert measured.first_images + (planned - 1) * per_iteration <= budget
+    assert measured.first_images + (planned + 1) * per_iteration > budget
+
+
+def test_an_image_budget_too_small_or_a_mode_that_asks_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="fewer than 3 iterations"):
+        iterations_within(5000, Calibration(seconds=1.0, first_images=3000, images=768.0))
+    with pytest.raises(ValueError, match="asks the teachers nothing"):
+        iterations_within(10**6, Calibration(seconds=1.0, first_images=0, images=0.0))
+
+
+def test_the_report_names_an_image_budget_and_how_its_runs_were_planned() -> None:
+    cell = aggregate([_run(0, 0.8)])
+    wan_row = {
+        "loopback_it_per_s": 1.0,
+        "emulated_it_per_s": 0.5,
+        "ratio": 0.5,
+        "emulated_bytes_per_iteration": 2e6,
+    }
+    report = {
+        "modes": {"paper": {"budgets": {"569,632 images": cell}}},
+        "teacher_images": [569632],
+        "wan": {**wan_row, "per_mode": {"paper": wan_row}},
+        "wan_iterations": 2,
+        "wan_rounds": 1,
+        "seeds": 1,
+        "total_seconds": 120.0,
+    }
+    text = markdown(argparse.Namespace(quick=False), report)
+    assert "| paper | 569,632 images | 80.00 (0.00) |" in text
+    assert "no wall-clock bound" in text
+    assert "no wall-clock bound" not in markdown(
+        argparse.Namespace(quick=False), {**report, "teacher_images": []}
+    )
