@@ -79,22 +79,28 @@ def test_aggregate_gives_the_issue_keys_as_means_over_seeds() -> None:
     assert aggregate([_run(0, 0.5)])["accuracy_std"] == 0.0
 
 
-def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
-    cell = aggregate([_run(0, 0.8)])
+def _report(budgets: dict[str, dict], **extra: object) -> dict:
+    """A report of the paper mode at ``budgets`` with a one-row emulated-link table."""
     wan_row = {
         "loopback_it_per_s": 1.0,
         "emulated_it_per_s": 0.5,
         "ratio": 0.5,
         "emulated_bytes_per_iteration": 2e6,
     }
-    report = {
-        "modes": {"paper": {"budgets": {"5 min": cell, "15 min": cell}}},
+    return {
+        "modes": {"paper": {"budgets": budgets}},
         "wan": {**wan_row, "per_mode": {"paper": wan_row}},
         "wan_iterations": 2,
         "wan_rounds": 1,
         "seeds": 1,
         "total_seconds": 120.0,
+        **extra,
     }
+
+
+def test_the_report_table_has_a_row_per_mode_and_budget() -> None:
+    cell = aggregate([_run(0, 0.8)])
+    report = _report({"5 min": cell, "15 min": cell})
     text = markdown(argparse.Namespace(quick=True), report)
     assert "| paper | 5 min | 80.00 (0.00) |" in text
     assert "| paper | 15 min |" in text
@@ -169,22 +175,7 @@ def test_an_image_budget_too_small_or_a_mode_that_asks_nothing_is_refused() -> N
 
 
 def test_the_report_names_an_image_budget_and_how_its_runs_were_planned() -> None:
-    cell = aggregate([_run(0, 0.8)])
-    wan_row = {
-        "loopback_it_per_s": 1.0,
-        "emulated_it_per_s": 0.5,
-        "ratio": 0.5,
-        "emulated_bytes_per_iteration": 2e6,
-    }
-    report = {
-        "modes": {"paper": {"budgets": {"569,632 images": cell}}},
-        "teacher_images": [569632],
-        "wan": {**wan_row, "per_mode": {"paper": wan_row}},
-        "wan_iterations": 2,
-        "wan_rounds": 1,
-        "seeds": 1,
-        "total_seconds": 120.0,
-    }
+    report = _report({"569,632 images": aggregate([_run(0, 0.8)])}, teacher_images=[569632])
     text = markdown(argparse.Namespace(quick=False), report)
     assert "| paper | 569,632 images | 80.00 (0.00) |" in text
     assert "no wall-clock bound" in text
