@@ -42,9 +42,10 @@ directly on loopback and through the userspace proxy emulating a 50 ms round tri
 
 Writes DIR/federation_cost.json (``{"modes": {name: M}, "wan": {...}}``, M holding
 ``accuracy``, ``accuracy_std``, ``teacher_images``, ``wire_bytes``, ``iterations``, ``seconds``
-at the largest budget, and ``budgets`` with the same for every budget) and appends a table to
-bench/RESULTS.md. A bare ``--minutes`` runs no accuracy runs: the emulated link only (``modes``
-is then empty).
+at the largest wall-clock budget, else the largest image budget, and ``budgets`` with the same
+for every budget, keyed ``"5 min"`` or ``"569,632 images"``) and appends a table to
+bench/RESULTS.md. A bare ``--minutes`` with no ``--teacher-images`` runs no accuracy runs: the
+emulated link only (``modes`` is then empty).
 """
 
 from __future__ import annotations
