@@ -15,7 +15,9 @@ gives this caller no input gradients (``logits_only``, and any rule with logit n
 refuses exact gradients). Rows: full; no_features; Gaussian logit noise at three sigmas; one
 teacher logits_only; all logits_only; all logits_only with the IDEAL generator objective
 (``generator_objective = "ideal"``: the generator step asks no teacher, so a black-box
-teacher costs K batches an iteration instead of K + 2 + directions). A row whose budget runs
+teacher costs K batches an iteration instead of K + 2 + directions); and full and all
+logits_only with IDEAL again, each with a replay memory of cached answers (one fresh batch
+an iteration: 3 and 1 batches a teacher instead of K + 2 and K). A row whose budget runs
 out anyway ends on its last completed iteration (``ended_by`` in the row). Writes
 DIR/privacy.json and appends a table to bench/RESULTS.md.
 
@@ -57,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.federation_cost import REPLAY  # noqa: E402
 from bench.quality import ensure_teachers, homogeneous_jobs  # noqa: E402
 from bench.results import append_section  # noqa: E402
 from cdfkd.coordinator.config import (  # noqa: E402
@@ -107,12 +110,18 @@ def train_config(iterations: int, **overrides: Any) -> TrainConfig:
 
 
 def images_per_iteration(train: TrainConfig, black_box: bool) -> int:
-    """Images one iteration asks of one teacher: K student queries, then the generator step."""
-    steps = train.student_steps_per_generator_step
+    """Images one iteration asks of one teacher: the student's queries, then the generator step.
+
+    The student's: K fresh batches, or with a replay memory its ``new_batches`` (at least one:
+    an empty memory asks for one), the K steps then drawing on the answers cached there.
+    """
+    replay = train.replay
+    student = train.student_steps_per_generator_step if replay is None else replay.new_batches
+    student = max(1, student)
     if train.generator_objective == "ideal":
-        return steps * train.batch_size  # the generator step asks no teacher
+        return student * train.batch_size  # the generator step asks no teacher
     generator = (1 + DIRECTIONS + 1) if black_box else 2  # query + (estimate probes | InputGrad)
-    return (steps + generator) * train.batch_size
+    return (student + generator) * train.batch_size
 
 
 ROWS: list[tuple[str, list[dict[str, Any]]]] = [
@@ -124,10 +133,17 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
     ("one teacher logits_only", [{"mode": "logits_only"}, {}, {}]),
     ("all logits_only", [{"mode": "logits_only"}] * 3),
     ("all logits_only, IDEAL generator", [{"mode": "logits_only"}] * 3),
+    # The same two federations, each with bench/federation_cost.py's replay memory (its
+    # settings, not tuned): the student's K steps draw on cached answers, and each iteration
+    # asks one fresh batch, so the image budget buys more iterations for both alike.
+    ("full, replay", [{}, {}, {}]),
+    ("all logits_only, IDEAL generator, replay", [{"mode": "logits_only"}] * 3),
 ]
 #: ``[train]`` settings of a row beyond the budget's.
 ROW_TRAIN: dict[str, dict[str, Any]] = {
     "all logits_only, IDEAL generator": {"generator_objective": "ideal"},
+    "full, replay": {"replay": REPLAY},
+    "all logits_only, IDEAL generator, replay": {"generator_objective": "ideal", "replay": REPLAY},
 }
 
 
@@ -178,9 +194,7 @@ def run_row(
             data=DataConfig(dataset=DatasetName.FASHION_MNIST),
             teachers=remotes,
             train=train_config(iterations, seed=seed, **overrides),
-            run=RunSettings(
-                device="cpu", threads=2, checkpoint_every=10**6, eval_every=10**6, log_every=50
-            ),
+            run=bench_run_settings(),
         )
         started = time.monotonic()
         result = run_training(config, out / "run")
@@ -251,16 +265,21 @@ def distill_in_process(
         data=DataConfig(dataset=DatasetName.FASHION_MNIST),
         teachers=tuple(PackageTeacher(package=p) for p in packages),
         train=train,
-        run=RunSettings(
-            device="cpu",
-            threads=2,
-            max_seconds=max_seconds,
-            checkpoint_every=10**6,
-            eval_every=10**6,
-            log_every=50,
-        ),
+        run=bench_run_settings(max_seconds),
     )
     return run_training(config, out, show_progress=False)
+
+
+def bench_run_settings(max_seconds: float | None = None) -> RunSettings:
+    """This benchmark's runs: CPU, two threads, no mid-run checkpoints or evaluations."""
+    return RunSettings(
+        device="cpu",
+        threads=2,
+        max_seconds=max_seconds,
+        checkpoint_every=10**6,
+        eval_every=10**6,
+        log_every=50,
+    )
 
 
 def epsilon_row(

@@ -1,0 +1,33 @@
+"""bench/privacy.py's rows: the images each plans for are the images the loop asks."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.federation_cost import timed_iterations
+from bench.privacy import ROW_TRAIN, ROWS, images_per_iteration, train_config
+
+
+@pytest.mark.parametrize(
+    ("row", "batches"),
+    [
+        ("full", 5 + 2),  # K fresh batches, the generator step's Query and InputGrad
+        ("full, replay", 1 + 2),  # one fresh batch for the memory
+        ("all logits_only, IDEAL generator", 5),  # the generator step asks no teacher
+        ("all logits_only, IDEAL generator, replay", 1),
+    ],
+)
+def test_a_rows_planned_images_are_those_the_loop_asks_of_each_teacher(
+    digits_teachers, row: str, batches: int
+) -> None:
+    # In-process digits teachers give input gradients: the rows' white-box arithmetic. The
+    # IDEAL rows' generator step asks no teacher, so a black-box node changes nothing there.
+    assert row in {name for name, _ in ROWS}
+    teachers = digits_teachers.load()
+    train = train_config(50, **ROW_TRAIN.get(row, {}))
+    planned = images_per_iteration(train, black_box=False)
+    assert planned == batches * train.batch_size
+    measured = timed_iterations(teachers, train, count=2, warmup=1)
+    assert measured.images == planned * len(teachers)
+    if "IDEAL" in row:
+        assert images_per_iteration(train, black_box=True) == planned
