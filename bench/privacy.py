@@ -112,8 +112,10 @@ def train_config(iterations: int, **overrides: Any) -> TrainConfig:
 def images_per_iteration(train: TrainConfig, black_box: bool) -> int:
     """Images one iteration asks of one teacher: the student's queries, then the generator step.
 
-    The student's: K fresh batches, or with a replay memory its ``new_batches`` (at least one:
-    an empty memory asks for one), the K steps then drawing on the answers cached there.
+    The student's: K fresh batches, or with a replay memory its ``new_batches``, the K steps
+    then drawing on the answers cached there. Counted as at least one: an empty memory asks for
+    one, so a memory fed by no fresh batch (``new_batches`` 0) is planned for one an iteration
+    though it asks for it only once, and uses less than its budget.
     """
     replay = train.replay
     student = train.student_steps_per_generator_step if replay is None else replay.new_batches
