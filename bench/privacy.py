@@ -1,7 +1,7 @@
 """Privacy against utility: the same distillation under each owner choice, at equal query budgets.
 
     python bench/privacy.py --out DIR [--quick] [--budget-iterations N] [--rows NAME ...]
-        [--distill-seed S]
+        [--distill-seed S] [--disagreement W] [--validation DATA]
     python bench/privacy.py --epsilon-table --out DIR [--quick] [--distill-iterations N]
         [--epsilons 1 3 8 inf] [--delta D] [--dp-epochs E] [--dp-batch-size B]
         [--dp-architecture A] [--dp-learning-rate LR] [--dp-max-grad-norm C] [--workers W]
@@ -17,9 +17,17 @@ teacher logits_only; all logits_only; all logits_only with the IDEAL generator o
 (``generator_objective = "ideal"``: the generator step asks no teacher, so a black-box
 teacher costs K batches an iteration instead of K + 2 + directions); and full and all
 logits_only with IDEAL again, each with a replay memory of cached answers (one fresh batch
-an iteration: 3 and 1 batches a teacher instead of K + 2 and K). A row whose budget runs
-out anyway ends on its last completed iteration (``ended_by`` in the row). Writes
-DIR/privacy.json and appends a table to bench/RESULTS.md.
+an iteration: 3 and 1 batches a teacher instead of K + 2 and K); and all logits_only with
+IDEAL plus the headers' disagreement (``[train.ideal] disagreement = W``, ``--disagreement``:
+the generator also seeks samples on which the student's headers disagree, still asking no
+teacher) and the memory. A row whose budget runs out anyway ends on its last completed
+iteration (``ended_by`` in the row). Writes DIR/privacy.json and appends a table to
+bench/RESULTS.md.
+
+``--validation DATA``: for choosing settings, not for reporting. ``DATA`` is a data folder of
+``bench/quality.py`` (``owners``, ``validation``; e.g. ``bench/federation_cost.py``'s
+``DIR/data``): the teachers train on the owners' images only, and every row is scored on the
+validation images held out of the training split; the test split is not read.
 
 ``--epsilon-table``: utility against epsilon. For each epsilon, three owners train teachers on
 disjoint thirds of Fashion-MNIST with differential privacy (``cdfkd teacher train
@@ -140,6 +148,7 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
     # asks one fresh batch, so the image budget buys more iterations for both alike.
     ("full, replay", [{}, {}, {}]),
     ("all logits_only, IDEAL generator, replay", [{"mode": "logits_only"}] * 3),
+    ("all logits_only, IDEAL + disagreement generator, replay", [{"mode": "logits_only"}] * 3),
 ]
 #: ``[train]`` settings of a row beyond the budget's.
 ROW_TRAIN: dict[str, dict[str, Any]] = {
@@ -147,6 +156,18 @@ ROW_TRAIN: dict[str, dict[str, Any]] = {
     "full, replay": {"replay": REPLAY},
     "all logits_only, IDEAL generator, replay": {"generator_objective": "ideal", "replay": REPLAY},
 }
+#: The rows whose ``[train.ideal] disagreement`` is ``--disagreement``'s.
+DISAGREEMENT_ROWS = ("all logits_only, IDEAL + disagreement generator, replay",)
+#: ``--disagreement``'s default: the weight chosen on a validation split (bench/RESULTS.md).
+DISAGREEMENT = 1.0
+
+
+def row_train(name: str, disagreement: float = DISAGREEMENT) -> dict[str, Any]:
+    """The ``[train]`` settings of row ``name`` beyond the budget's."""
+    if name in DISAGREEMENT_ROWS:
+        ideal = {"disagreement": disagreement}
+        return {"generator_objective": "ideal", "ideal": ideal, "replay": REPLAY}
+    return ROW_TRAIN.get(name, {})
 
 
 def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
@@ -161,8 +182,20 @@ def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
 
 
 def run_row(
-    name: str, rules: list[dict[str, Any]], packages, pki, budget: int, out: Path, seed: int = 0
+    name: str,
+    rules: list[dict[str, Any]],
+    packages,
+    pki,
+    budget: int,
+    out: Path,
+    seed: int = 0,
+    disagreement: float = DISAGREEMENT,
+    data: DataConfig | None = None,
 ) -> dict:
+    """Distill with each node enforcing its rule and ``budget``; scored on ``data``'s test split.
+
+    ``data``: the evaluation images (None: Fashion-MNIST's test split).
+    """
     node_budget = budget + TEST_IMAGES + 1024  # training budget + the evaluation's queries
     with ExitStack() as stack:
         nodes = []
@@ -189,11 +222,11 @@ def run_row(
         for remote in remotes:  # what each node gives this caller (GetMetadata, no budget)
             with RemoteTeacher(remote) as teacher:
                 black_box.append("input_grad" not in teacher.info().allowed_outputs)
-        overrides = ROW_TRAIN.get(name, {})
+        overrides = row_train(name, disagreement)
         base = train_config(1, **overrides)
         iterations = budget // max(images_per_iteration(base, b) for b in black_box)
         config = RunConfig(
-            data=DataConfig(dataset=DatasetName.FASHION_MNIST),
+            data=data or DataConfig(dataset=DatasetName.FASHION_MNIST),
             teachers=remotes,
             train=train_config(iterations, seed=seed, **overrides),
             run=bench_run_settings(),
@@ -207,6 +240,7 @@ def run_row(
         ]
     return {
         "row": name,
+        "train": overrides.get("ideal"),
         "black_box": black_box,
         "ended_by": result.ended_by,
         "iterations": result.iterations,
@@ -518,6 +552,19 @@ def main() -> None:
     parser.add_argument(
         "--rows", nargs="+", choices=[name for name, _ in ROWS], help="run only these rows"
     )
+    parser.add_argument(
+        "--disagreement",
+        type=float,
+        default=DISAGREEMENT,
+        help="the disagreement row's [train.ideal] disagreement weight",
+    )
+    parser.add_argument(
+        "--validation",
+        type=Path,
+        metavar="DATA",
+        help="a bench/quality.py data folder: teachers on DATA/owners, rows scored on "
+        "DATA/validation (for choices; the test split is not read)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -529,17 +576,38 @@ def main() -> None:
     iterations = 30 if args.quick else args.budget_iterations
     budget = iterations * images_per_iteration(train_config(1), black_box=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs))
+    owners = None if args.validation is None else args.validation.resolve() / "owners"
+    packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs, owners))
+    data = None
+    if args.validation is not None:
+        data = DataConfig(files=args.validation.resolve() / "validation")
     pki = create_dev_pki(args.out / "pki")
     rows = [
-        run_row(name, rules, packages, pki, budget, args.out / f"row-{index}", args.distill_seed)
+        run_row(
+            name,
+            rules,
+            packages,
+            pki,
+            budget,
+            args.out / f"row-{index}",
+            args.distill_seed,
+            args.disagreement,
+            data,
+        )
         for index, (name, rules) in enumerate(ROWS)
         if args.rows is None or name in args.rows
     ]
+    scored_on = (
+        "the test split"
+        if args.validation is None
+        else f"the validation images of {args.validation}"
+    )
     report = {
         "budget_images_per_teacher": budget,
         "directions": DIRECTIONS,
         "seed": args.distill_seed,
+        "disagreement": args.disagreement,
+        "scored_on": scored_on,
         "rows": rows,
     }
     (args.out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -551,12 +619,17 @@ def main() -> None:
         command += f" --distill-seed {args.distill_seed}"
     if args.rows:
         command += " --rows " + " ".join(f"'{row}'" for row in args.rows)
+    if args.disagreement != DISAGREEMENT:
+        command += f" --disagreement {args.disagreement:g}"
+    if args.validation is not None:
+        command += f" --validation {args.validation}"
     lines = [
         f"\n### Privacy against utility, {stamp}\n",
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
         f"budget of {budget:,} images per teacher ({iterations} full-protocol iterations of batch "
         f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers; "
-        f"distillation seed {args.distill_seed}.\n",
+        f"distillation seed {args.distill_seed}; scored on {scored_on}; the "
+        f"disagreement row's weight {args.disagreement:g}.\n",
         "| owner choice | iterations | ended by | student, mean % | student, attention % | "
         "training images per teacher | wall s |",
         "|---|---|---|---|---|---|---|",

@@ -172,17 +172,26 @@ class IdealConfig(BaseModel):
     classifies confidently, spread over all classes (H the entropy, natural log, of the
     batch-mean prediction). These are DAFL's one-hot and information-entropy losses with the
     student in the teacher's place; ``balance`` 5 is DAFL's MNIST weight.
+
+    ``disagreement`` w_d adds - w_d D, D the headers' disagreement (mean over samples of
+    (1/N) sum_i ||softmax s_i - mean_j softmax s_j||_1): the generator also seeks samples on
+    which the student's headers disagree, the teacher-free adversary of DisGUIDE (AAAI 2023)
+    and Dual Students (ICLR 2023) with the headers as the clones. Still no teacher query;
+    0 (the default) is IDEAL as published, and a one-header student has D = 0.
     """
 
     model_config = _FROZEN
 
     confidence: float = Field(default=1.0, ge=0.0, le=1000.0, description="w_c")
     balance: float = Field(default=5.0, ge=0.0, le=1000.0, description="w_b")
+    disagreement: float = Field(default=0.0, ge=0.0, le=1000.0, description="w_d")
 
     @model_validator(mode="after")
     def _check(self) -> IdealConfig:
-        if self.confidence == 0.0 and self.balance == 0.0:
-            raise ValueError("ideal.confidence and ideal.balance are both 0: L_G would be 0")
+        if self.confidence == 0.0 and self.balance == 0.0 and self.disagreement == 0.0:
+            raise ValueError(
+                "ideal.confidence, ideal.balance and ideal.disagreement are all 0: L_G would be 0"
+            )
         return self
 
 

@@ -110,3 +110,14 @@ def batch_mean_entropy(logits: Tensor) -> Tensor:
     """H(mean_batch softmax(S(x))), natural log: high where the batch spreads over classes."""
     mean = F.softmax(logits, dim=1).mean(dim=0)
     return -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+
+
+def header_disagreement(logits: Sequence[Tensor]) -> Tensor:
+    """Mean over samples of (1/N) sum_i ||softmax s_i - mean_j softmax s_j||_1, in [0, 2].
+
+    How far the headers' predictions spread around their mean: 0 where they agree (and for
+    one header). Bounded, so a generator cannot raise it by inflating logits.
+    """
+    probabilities = torch.stack([F.softmax(s, dim=1) for s in logits])
+    spread = probabilities - probabilities.mean(dim=0, keepdim=True)
+    return spread.abs().sum(dim=2).mean()

@@ -30,6 +30,7 @@ class IdealGeneratorLoss:
     total: Tensor
     confidence: Tensor
     balance: Tensor
+    disagreement: Tensor
 
 
 def ensemble_weights(config: TrainConfig, teacher_logits: Sequence[Tensor]) -> Tensor | None:
@@ -134,12 +135,20 @@ def generator_adversarial_loss(
 
 
 def generator_ideal_loss(ideal: IdealConfig, student: StudentOutputs) -> IdealGeneratorLoss:
-    """IDEAL's student-only L_G: w_c CE(S, argmax S) - w_b H(mean_batch softmax S).
+    """IDEAL's student-only L_G: w_c CE(S, argmax S) - w_b H(mean_batch softmax S) - w_d D.
 
     S is the student's prediction, the mean of its header logits (METHOD.md 1: its output
-    without real data; a single head is its own mean). No teacher takes part.
+    without real data; a single head is its own mean); D the headers' disagreement
+    (:func:`~cdfkd.student_node.losses.header_disagreement`, only computed when w_d > 0).
+    No teacher takes part.
     """
     prediction = losses.mean_logits(student.logits)
     confidence = ideal.confidence * losses.student_confidence_ce(prediction)
     balance = -ideal.balance * losses.batch_mean_entropy(prediction)
-    return IdealGeneratorLoss(confidence + balance, confidence, balance)
+    disagreement = (
+        -ideal.disagreement * losses.header_disagreement(student.logits)
+        if ideal.disagreement > 0
+        else prediction.new_zeros(())
+    )
+    total = confidence + balance + disagreement
+    return IdealGeneratorLoss(total, confidence, balance, disagreement)
