@@ -242,7 +242,7 @@ def run_row(
         ]
     return {
         "row": name,
-        "train": overrides.get("ideal"),
+        "ideal": overrides.get("ideal"),  # the row's [train.ideal] weights, if it sets them
         "black_box": black_box,
         "ended_by": result.ended_by,
         "iterations": result.iterations,
@@ -630,8 +630,13 @@ def main() -> None:
         f"Command: `{command}`; three LeNet-5-BN teacher nodes (mTLS, loopback), an equal training "
         f"budget of {budget:,} images per teacher ({iterations} full-protocol iterations of batch "
         f"128), zeroth-order estimates with {DIRECTIONS} directions for logits-only teachers; "
-        f"distillation seed {args.distill_seed}; scored on {scored_on}; the "
-        f"disagreement row's weight {args.disagreement:g}.\n",
+        f"distillation seed {args.distill_seed}; scored on {scored_on}"
+        + (
+            f"; the disagreement row's weight {args.disagreement:g}"
+            if any(row["row"] in DISAGREEMENT_ROWS for row in rows)
+            else ""
+        )
+        + ".\n",
         "| owner choice | iterations | ended by | student, mean % | student, attention % | "
         "training images per teacher | wall s |",
         "|---|---|---|---|---|---|---|",
