@@ -150,26 +150,30 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
     ("all logits_only, IDEAL generator, replay", [{"mode": "logits_only"}] * 3),
     ("all logits_only, IDEAL + disagreement generator, replay", [{"mode": "logits_only"}] * 3),
 ]
-#: ``[train]`` settings of a row beyond the budget's.
-ROW_TRAIN: dict[str, dict[str, Any]] = {
-    "all logits_only, IDEAL generator": {"generator_objective": "ideal"},
-    "full, replay": {"replay": REPLAY},
-    "all logits_only, IDEAL generator, replay": {"generator_objective": "ideal", "replay": REPLAY},
-}
-#: The rows whose ``[train.ideal] disagreement`` is ``--disagreement``'s.
-DISAGREEMENT_ROWS = ("all logits_only, IDEAL + disagreement generator, replay",)
 #: ``--disagreement``'s default, the first weight tried. On the validation split (seed 0,
 #: 2026-12-03) 1 and 5 both scored below IDEAL without it (76.08 and 69.12 % against 78.64 %),
 #: so ``[train.ideal] disagreement`` stays 0 by default (bench/RESULTS.md).
 DISAGREEMENT = 1.0
+#: ``[train]`` settings of a row beyond the budget's. A row that sets ``[train.ideal]
+#: disagreement`` runs at ``--disagreement``'s weight (:func:`row_train`).
+ROW_TRAIN: dict[str, dict[str, Any]] = {
+    "all logits_only, IDEAL generator": {"generator_objective": "ideal"},
+    "full, replay": {"replay": REPLAY},
+    "all logits_only, IDEAL generator, replay": {"generator_objective": "ideal", "replay": REPLAY},
+    "all logits_only, IDEAL + disagreement generator, replay": {
+        "generator_objective": "ideal",
+        "ideal": {"disagreement": DISAGREEMENT},
+        "replay": REPLAY,
+    },
+}
 
 
 def row_train(name: str, disagreement: float = DISAGREEMENT) -> dict[str, Any]:
-    """The ``[train]`` settings of row ``name`` beyond the budget's."""
-    if name in DISAGREEMENT_ROWS:
-        ideal = {"disagreement": disagreement}
-        return {"generator_objective": "ideal", "ideal": ideal, "replay": REPLAY}
-    return ROW_TRAIN.get(name, {})
+    """The ``[train]`` settings of row ``name`` beyond the budget's, at this disagreement."""
+    settings = ROW_TRAIN.get(name, {})
+    if "disagreement" not in settings.get("ideal", {}):
+        return settings
+    return {**settings, "ideal": {**settings["ideal"], "disagreement": disagreement}}
 
 
 def _policy_toml(rule: dict[str, Any], budget: int, budget_file: Path) -> str:
@@ -578,11 +582,11 @@ def main() -> None:
     iterations = 30 if args.quick else args.budget_iterations
     budget = iterations * images_per_iteration(train_config(1), black_box=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    owners = None if args.validation is None else args.validation.resolve() / "owners"
-    packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs, owners))
-    data = None
+    owners, data = None, None
     if args.validation is not None:
-        data = DataConfig(files=args.validation.resolve() / "validation")
+        validation = args.validation.resolve()
+        owners, data = validation / "owners", DataConfig(files=validation / "validation")
+    packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs, owners))
     pki = create_dev_pki(args.out / "pki")
     rows = [
         run_row(
@@ -633,7 +637,7 @@ def main() -> None:
         f"distillation seed {args.distill_seed}; scored on {scored_on}"
         + (
             f"; the disagreement row's weight {args.disagreement:g}"
-            if any(row["row"] in DISAGREEMENT_ROWS for row in rows)
+            if any(row["ideal"] is not None for row in rows)
             else ""
         )
         + ".\n",
