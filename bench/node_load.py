@@ -196,7 +196,9 @@ def main() -> None:
     cycles = 6 if args.quick else args.cycles
     args.out = args.out.resolve()  # the node reads its config from another directory
     args.out.mkdir(parents=True, exist_ok=True)
-    pki = create_dev_pki(args.out / "pki", client_names=(STUDENT_NAME, FLOOD_NAME))
+    pki = create_dev_pki(  # this run's own, fresh each time
+        args.out / "pki", client_names=(STUDENT_NAME, FLOOD_NAME), force=True
+    )
     (package,) = make_packages(args.out / "teachers", 1)
     extra = "\n".join(
         [

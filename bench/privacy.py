@@ -587,7 +587,7 @@ def main() -> None:
         validation = args.validation.resolve()
         owners, data = validation / "owners", DataConfig(files=validation / "validation")
     packages = ensure_teachers(args.out / "teachers", homogeneous_jobs(args.teacher_epochs, owners))
-    pki = create_dev_pki(args.out / "pki")
+    pki = create_dev_pki(args.out / "pki", force=True)  # this run's own, fresh each time
     rows = [
         run_row(
             name,

@@ -116,7 +116,9 @@ def start_multihost_nodes(
     except NamespaceError as error:
         return str(error)
     stack.callback(network.close)
-    pki = create_dev_pki(out / "pki-multihost", server_names=tuple(h.address for h in hosts))
+    pki = create_dev_pki(  # this run's own, fresh each time
+        out / "pki-multihost", server_names=tuple(h.address for h in hosts), force=True
+    )
     nodes = []
     for index, (package, host) in enumerate(zip(packages, hosts, strict=True)):
         node = start_node(
@@ -192,7 +194,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for variable in PROXY_VARIABLES:
         os.environ.pop(variable, None)
-    pki = create_dev_pki(args.out / "pki")
+    pki = create_dev_pki(args.out / "pki", force=True)  # this run's own, fresh each time
     packages = make_packages(args.out / "teachers", 8)
     results: dict[str, Any] = {
         "batch_size": TRAIN.batch_size,
