@@ -238,7 +238,7 @@ def run_row(
             run=bench_run_settings(),
         )
         started = time.monotonic()
-        result = run_training(config, out / "run")
+        result = run_training(config, out / f"run-seed{seed}")  # seeds can share one --out
         seconds = time.monotonic() - started
         used = [
             json.loads((out / "nodes" / f"{i}" / "budget.json").read_text())["student"]["total"]
