@@ -2,6 +2,7 @@
 
     python bench/quality.py --out DIR [--quick] [--reuse] [--seeds N] [--iterations I]
         [--tune-iterations I] [--validation-samples N] [--federations NAME ...] [--cells NAME ...]
+        [--parallel N] [--threads N] [--ledger DIR] [--teachers DIR]
 
 Protocol (``bench/quality_protocol.py`` holds its pure parts):
 
@@ -26,7 +27,13 @@ Protocol (``bench/quality_protocol.py`` holds its pure parts):
 Budgets are iterations (K = 5 student steps and one generator step each; kd_real's K steps
 read real batches), so every method sends the teachers the same number of query batches, and
 a loaded machine changes the seconds, not the result. ``--reuse`` keeps every finished run
-(same settings, same budget) under ``--out``, so a long run resumes across sessions. Writes
+(same settings, same budget) under ``--out``, and reads the committed ledger
+(``bench/quality_ledger``, :mod:`bench.quality_ledger`): every finished run leaves a record
+there, keyed by its settings, split and the sha256 of its teachers' weights, so the protocol
+(about a day of 2 cores) adds up over sessions on different machines. The protocol's teachers
+are committed too (``bench/quality_teachers``, a few hundred kB each), so every session
+distills from the same weights. ``--parallel`` runs (default 2, ``--threads`` 1 each) go at
+once: trials through Ray Tune, final seeds as Ray tasks. ``--quick`` keeps no ledger. Writes
 ``DIR/quality.json`` and appends the tables to bench/RESULTS.md.
 """
 
@@ -54,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.quality_ledger import LEDGER, read_record, record_path, run_key, write_record  # noqa: E402
 from bench.quality_protocol import (  # noqa: E402
     BASE_TRAIN,
     DECAY_AT,
@@ -85,6 +93,8 @@ logger = logging.getLogger("bench.quality")
 VALIDATION_SEED = 18
 DIRICHLET_ALPHA = 0.3
 FEDERATIONS = ("homogeneous", "heterogeneous", "label_skewed")
+#: The protocol's teachers, committed beside the ledger (bench/quality_ledger.py).
+PROTOCOL_TEACHERS = ROOT / "bench" / "quality_teachers"
 TITLES = {
     "homogeneous": "Homogeneous: three LeNet-5-BN teachers on disjoint IID thirds",
     "heterogeneous": "Heterogeneous: LeNet-5-BN + ResNet-8 (w8) + ResNet-14 (w6), IID thirds",
@@ -156,14 +166,33 @@ def _train_one(job: TeacherJob, directory: Path) -> None:
     train_teacher_package(job, directory)
 
 
+def protocol_teacher_directories(
+    root: Path, jobs: list[TeacherJob], split: dict[str, Any]
+) -> list[Path]:
+    """Where the protocol keeps ``jobs``' teachers: committed, named by job and split, not path.
+
+    The ledger's records name their teachers by the sha256 of their weights, so every session
+    (on any machine) must distill from these very files rather than retrain its own.
+    """
+    dumps = [job.model_dump(mode="json", exclude={"data"}) for job in jobs]
+    keys = [digest({**dump, "split": split}) for dump in dumps]
+    return [root / f"{job.name}-{key}" for job, key in zip(jobs, keys, strict=True)]
+
+
 def ensure_teachers(
-    root: Path, jobs: list[TeacherJob], keyed: bool = False, workers: int = 1
+    root: Path,
+    jobs: list[TeacherJob],
+    keyed: bool = False,
+    workers: int = 1,
+    directories: list[Path] | None = None,
 ) -> list[Path]:
     """Train the jobs' teachers unless cached; ``keyed``: folders named by the job's hash.
 
     ``workers`` > 1: the missing ones train in that many spawned processes, one thread each.
+    ``directories``: these folders, one per job, instead of folders under ``root``.
     """
-    directories = keyed_directories(root, jobs) if keyed else [root / job.name for job in jobs]
+    if directories is None:
+        directories = keyed_directories(root, jobs) if keyed else [root / job.name for job in jobs]
     missing = [
         (job, directory)
         for job, directory in zip(jobs, directories, strict=True)
@@ -278,19 +307,38 @@ def finished_run(out: Path, config: RunConfig) -> dict[str, Any] | None:
     return summary
 
 
+def recorded(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The ledger's figures for ``spec``'s run, if it holds them under the same key."""
+    if not (spec.get("reuse") and spec.get("record")):
+        return None
+    return read_record(Path(spec["record"]), spec["key"])
+
+
 def run_once(spec: dict[str, Any]) -> dict[str, Any]:
-    """One training run described by ``spec`` (JSON-able, so a Ray Tune trial can carry it)."""
-    torch.set_num_threads(spec.get("threads", 2))
+    """One training run described by ``spec`` (JSON-able, so a Ray Tune trial can carry it).
+
+    With ``reuse``, a run the ledger (``spec["record"]``) or ``spec["out"]`` already holds is
+    read, not trained; a run trained or read from ``out`` is then recorded in the ledger.
+    """
+    threads = spec.get("threads", 2)
+    torch.set_num_threads(threads)
     config = _run_config(spec)
     out = Path(spec["out"])
     seed = config.train.seed
+    if (figures := recorded(spec)) is not None:
+        logger.info("reusing the ledger's %s", spec["record"])
+        return {**figures, "reused": True}
     if spec.get("reuse") and (saved := finished_run(out, config)) is not None:
         logger.info("reusing %s", out)
-        return {**_figures(saved, seed), "reused": True}
-    if out.exists():
-        shutil.rmtree(out)
-    result = run_training(config, out, show_progress=False)
-    return {**_figures(result.summary(), seed), "reused": False}
+        figures, reused = _figures(saved, seed), True
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        result = run_training(config, out, show_progress=False)
+        figures, reused = _figures(result.summary(), seed), False
+    if spec.get("record"):
+        write_record(Path(spec["record"]), spec["key"], figures, threads)
+    return {**figures, "reused": reused}
 
 
 def tune_trial(config: dict[str, Any]) -> None:
@@ -320,6 +368,15 @@ class Plan:
     reuse: bool
     base: dict[str, Any]
     threads: int = 2
+    #: Runs at once (trials and final seeds), each with ``threads`` threads.
+    parallel: int = 1
+    #: The committed ledger of finished runs (bench/quality_ledger.py); None: keep none.
+    ledger: Path | None = None
+    #: How the data were cut (``split.json``), part of every run's ledger key.
+    split: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Where the teachers live, named by job and split (bench/quality_teachers); None: under
+    #: ``out``, named by the job's hash.
+    teachers: Path | None = None
 
 
 def _spec(
@@ -335,7 +392,14 @@ def _spec(
     data = plan.data.validation if phase == "tune" else plan.data.final
     train = train_settings(cell, setting, budget, seed, plan.base)
     folder = plan.out / "runs" / federation / phase / cell.name.replace("/", "__")
+    role = "validation" if phase == "tune" else "test"
+    digests = [read_metadata(p).weights_sha256 for p in packages]
+    record = None
+    if plan.ledger is not None:
+        record = record_path(plan.ledger, federation, phase, cell.name, setting.key, seed)
     return {
+        "record": None if record is None else str(record),
+        "key": run_key(train, plan.split, role, digests),
         "out": str(folder / f"{setting.key}_seed{seed}"),
         "train": train,
         "teachers": [str(p) for p in packages],
@@ -366,8 +430,9 @@ def tune_cell(
     trials = []
     pending = []
     for spec in specs:
-        if plan.reuse and finished_run(Path(spec["out"]), _run_config(spec)) is not None:
-            figures = run_once(spec)  # reads the finished run's result.json, trains nothing
+        done = recorded(spec) is not None
+        if done or (plan.reuse and finished_run(Path(spec["out"]), _run_config(spec))):
+            figures = run_once(spec)  # reads the ledger or result.json, trains nothing
             trials.append(_trial(spec, figures))
         else:
             pending.append(spec)
@@ -375,7 +440,9 @@ def tune_cell(
         tuner = tune.Tuner(
             tune.with_resources(tune_trial, {"cpu": plan.threads}),
             param_space={"spec": tune.grid_search(pending)},
-            tune_config=tune.TuneConfig(metric="accuracy", mode="max", max_concurrent_trials=1),
+            tune_config=tune.TuneConfig(
+                metric="accuracy", mode="max", max_concurrent_trials=plan.parallel
+            ),
             run_config=tune.RunConfig(
                 name=f"{federation}-{cell.name.replace('/', '__')}",
                 storage_path=str((plan.out / "tune").resolve()),
@@ -405,12 +472,27 @@ def tune_cell(
     return chosen, sorted(trials, key=lambda t: -t["validation_accuracy"])
 
 
+def final_runs(specs: list[dict[str, Any]], threads: int, parallel: int) -> list[dict[str, Any]]:
+    """The final runs of one cell, ``parallel`` at a time as Ray tasks, in ``specs``' order."""
+    if parallel <= 1:
+        return [run_once(spec) for spec in specs]
+    import ray
+
+    task = ray.remote(num_cpus=threads, max_retries=0)(run_once)
+    return list(ray.get([task.remote(spec) for spec in specs]))
+
+
 def run_federation(
     plan: Plan, federation: str, teacher_epochs: int, only: set[str] | None
 ) -> dict[str, Any]:
     """Teachers, cells, tuning and final runs of one federation."""
     jobs = federation_jobs(federation, teacher_epochs, plan.data.owners)
-    packages = ensure_teachers(plan.out / "teachers", jobs, keyed=True)
+    directories = None
+    if plan.teachers is not None:
+        directories = protocol_teacher_directories(plan.teachers, jobs, plan.split)
+    packages = ensure_teachers(
+        plan.out / "teachers", jobs, keyed=True, workers=plan.parallel, directories=directories
+    )
     feature_dims = [read_metadata(p).feature_dim for p in packages]
     mfs_size = student_parameters(StudentKind.MFS, None, feature_dims)
     cells = [
@@ -420,16 +502,15 @@ def run_federation(
     for cell in cells:
         setting, trials = tune_cell(plan, federation, cell, packages)
         tuning[cell.name], chosen[cell.name] = trials, setting.to_json()
-        runs = []
-        for seed in plan.seeds:
-            spec = _spec(plan, federation, "final", cell, setting, seed, packages)
-            runs.append(run_once(spec))
+        specs = [_spec(plan, federation, "final", cell, setting, s, packages) for s in plan.seeds]
+        runs = final_runs(specs, plan.threads, plan.parallel)
+        for run in runs:
             logger.info(
                 "%s %s seed %d: test %.2f %%",
                 federation,
                 cell.name,
-                seed,
-                100 * runs[-1]["accuracy"],
+                run["seed"],
+                100 * run["accuracy"],
             )
         records.append(cell_record(federation, cell, setting, runs))
         last = runs[-1]
@@ -469,6 +550,21 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--federations", nargs="+", choices=FEDERATIONS, default=list(FEDERATIONS))
     parser.add_argument("--cells", nargs="+", help="only these cells, e.g. cdfkd_mfs/mfs")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help=f"the ledger of finished runs (default {LEDGER.relative_to(ROOT)}; --quick: none)",
+    )
+    parser.add_argument(
+        "--teachers",
+        type=Path,
+        default=None,
+        help=f"the teachers' folder (default {PROTOCOL_TEACHERS.relative_to(ROOT)}; "
+        "--quick: under --out)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("cdfkd", "ray", "filelock"):
@@ -482,19 +578,25 @@ def main() -> None:
     if quick:
         base.update({"batch_size": 32, "generator": {"latent_dim": 64, "width": 4}})
         base["attention"] = {"samples": 20}
+    data = prepare_data(
+        out / "data",
+        500 if quick else args.validation_samples,
+        1000 if quick else None,
+    )
     plan = Plan(
         out=out,
-        data=prepare_data(
-            out / "data",
-            500 if quick else args.validation_samples,
-            1000 if quick else None,
-        ),
+        data=data,
         grid=QUICK_GRID if quick else Grid(),
         tune_budget=Budget(2, 1) if quick else Budget(args.tune_iterations),
         final_budget=Budget(3, 1) if quick else Budget(args.iterations),
         seeds=seeds,
         reuse=args.reuse,
         base=base,
+        threads=args.threads,
+        parallel=args.parallel,
+        ledger=args.ledger or (None if quick else LEDGER),
+        split=json.loads((out / "data" / "split.json").read_text()),
+        teachers=args.teachers or (None if quick else PROTOCOL_TEACHERS),
     )
     teacher_epochs = 1 if quick else args.teacher_epochs
     only = set(args.cells) if args.cells else None
@@ -540,7 +642,8 @@ def main() -> None:
         },
         "machine": {
             "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
+            "threads": args.threads,
+            "parallel": args.parallel,
             "cuda": torch.cuda.is_available(),
         },
         "total_seconds": round(time.monotonic() - started, 1),
@@ -552,7 +655,8 @@ def main() -> None:
     kind = "smoke run, --quick: tiny budgets, not a result" if quick else "protocol run"
     header = (
         f"\n### Quality, {kind}, {stamp}\n\nCommand: `python bench/quality.py "
-        f"{shlex.join(sys.argv[1:])}`; {torch.get_num_threads()} CPU threads, device cpu. "
+        f"{shlex.join(sys.argv[1:])}`; {args.parallel} runs at a time, {args.threads} "
+        f"thread(s) each, device cpu. "
         f"Validation: {report['protocol']['validation_samples']} images held out of the "
         f"training split (seed {VALIDATION_SEED}) before the owners' shards; test split read "
         f"once per final run ({report['protocol']['test_samples']} images). Tuning: "

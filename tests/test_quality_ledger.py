@@ -1,0 +1,138 @@
+"""The quality protocol's ledger: a run is reused only under its own key, and never retrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.quality import (
+    FEDERATIONS,
+    PROTOCOL_TEACHERS,
+    Plan,
+    _spec,
+    federation_jobs,
+    final_runs,
+    prepare_data,
+    protocol_teacher_directories,
+    run_once,
+    tune_cell,
+)
+from bench.quality_ledger import LEDGER, read_record, record_path, run_key, write_record
+from bench.quality_protocol import QUICK_GRID, Budget, Cell
+from cdfkd.student_node.config import Method, StudentKind
+from cdfkd.teacher_node.package import read_metadata, weights_digest
+
+SPLIT = {"validation_samples": 5000, "validation_seed": 18, "test_samples": None}
+TRAIN = {"method": "cdfkd_mfs", "seed": 0, "optimizer": {"student_lr": 0.1}}
+FIGURES = {"seed": 0, "accuracy": 0.5, "iterations": 3}
+
+
+def test_the_key_changes_with_what_decides_the_result() -> None:
+    base = run_key(TRAIN, SPLIT, "validation", ["a", "b"])
+    assert base == run_key(json.loads(json.dumps(TRAIN)), dict(reversed(SPLIT.items())),
+                           "validation", ["a", "b"])  # fmt: skip
+    changed = [
+        run_key({**TRAIN, "seed": 1}, SPLIT, "validation", ["a", "b"]),
+        run_key(TRAIN, {**SPLIT, "validation_samples": 500}, "validation", ["a", "b"]),
+        run_key(TRAIN, SPLIT, "test", ["a", "b"]),
+        run_key(TRAIN, SPLIT, "validation", ["b", "a"]),  # another teacher order
+        run_key(TRAIN, SPLIT, "validation", ["a", "c"]),  # another teacher
+    ]
+    assert len({base, *changed}) == 6
+
+
+def test_a_record_is_read_only_under_its_own_key(tmp_path: Path) -> None:
+    path = record_path(tmp_path, "homogeneous", "tune", "cdfkd_mfs/mfs", "slr0.1", 0)
+    assert path == tmp_path / "homogeneous/tune/cdfkd_mfs__mfs/slr0.1_seed0.json"
+    assert read_record(path, "k") is None
+    write_record(path, "k", {**FIGURES, "reused": False}, threads=1)
+    assert read_record(path, "k") == FIGURES  # "reused" is the reader's, not the record's
+    assert read_record(path, "other") is None
+    record = json.loads(path.read_text())
+    assert record["host"]["threads"] == 1
+    assert record["host"]["processor"]
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_the_committed_teachers_are_the_weights_their_metadata_names() -> None:
+    """Every session distills from these files, so they must be whole and named by their job."""
+    packages = sorted(p for p in PROTOCOL_TEACHERS.iterdir() if p.is_dir())
+    assert packages, "bench/quality_teachers is empty"
+    for package in packages:
+        metadata = read_metadata(package)
+        assert weights_digest(package / "weights.safetensors") == metadata.weights_sha256
+    expected = set()
+    for federation in FEDERATIONS:
+        jobs = federation_jobs(federation, 6, Path("unused"))
+        expected |= set(protocol_teacher_directories(PROTOCOL_TEACHERS, jobs, SPLIT))
+    assert set(packages) == expected
+
+
+def test_the_committed_ledger_records_are_whole() -> None:
+    for path in LEDGER.rglob("*.json"):
+        record = json.loads(path.read_text())
+        assert len(record["key"]) == 64
+        assert 0.0 <= record["figures"]["accuracy"] <= 1.0
+        assert record["figures"]["iterations"] > 0
+
+
+@pytest.mark.slow
+def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Path) -> None:
+    """Real Ray Tune trials on the committed teachers: the first run records, the second reads."""
+    import ray
+
+    data = prepare_data(tmp_path / "data", validation_samples=300, test_samples=100)
+    split = json.loads((tmp_path / "data" / "split.json").read_text())
+    jobs = federation_jobs("homogeneous", 6, data.owners)
+    packages = protocol_teacher_directories(PROTOCOL_TEACHERS, jobs, SPLIT)
+    base = {"batch_size": 16, "generator": {"latent_dim": 16, "width": 4}}
+    base |= {"attention": {"samples": 10}}
+    cell = Cell(Method.KD_REAL, StudentKind.SIMPLE_MULTI_HEADER)
+
+    def plan(out: Path) -> Plan:
+        return Plan(
+            out=out,
+            data=data,
+            grid=QUICK_GRID,
+            tune_budget=Budget(2, 1),
+            final_budget=Budget(2, 1),
+            seeds=(0,),
+            reuse=True,
+            base=base,
+            threads=1,
+            ledger=tmp_path / "ledger",
+            split=split,
+        )
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        first_setting, first = tune_cell(plan(tmp_path / "first"), "homogeneous", cell, packages)
+        records = list((tmp_path / "ledger").rglob("*.json"))
+        assert len(records) == 1
+        assert (tmp_path / "first" / "runs").is_dir()
+        second_setting, second = tune_cell(plan(tmp_path / "second"), "homogeneous", cell, packages)
+        # Final seeds as parallel Ray tasks: each records itself, results in the seeds' order.
+        first_plan = plan(tmp_path / "first")
+        specs = [
+            _spec(first_plan, "homogeneous", "final", cell, first_setting, s, packages)
+            for s in (1, 0)
+        ]
+        finals = final_runs(specs, threads=1, parallel=2)
+    finally:
+        ray.shutdown()
+    assert [run["seed"] for run in finals] == [1, 0]
+    assert not any(run["reused"] for run in finals)
+    assert len(list((tmp_path / "ledger" / "homogeneous" / "final").rglob("*.json"))) == 2
+    assert second_setting == first_setting
+    assert second == first
+    assert not (tmp_path / "second" / "runs").exists()  # nothing trained the second time
+    # The record holds the trial's real figures: a run of the same spec reads them back.
+    figures = json.loads(records[0].read_text())["figures"]
+    assert figures["iterations"] == 2
+    assert figures["accuracy"] == first[0]["validation_accuracy"]
+    assert run_once({"record": str(records[0]), "key": json.loads(records[0].read_text())["key"],
+                     "reuse": True, "out": str(tmp_path / "nowhere"), "threads": 1,
+                     "data": str(data.validation), "teachers": [str(p) for p in packages],
+                     "train": {}})["reused"]  # fmt: skip
