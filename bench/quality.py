@@ -419,6 +419,14 @@ def _trial(spec: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def choose(settings: list[Setting], trials: list[dict[str, Any]]) -> tuple[Setting, dict[str, Any]]:
+    """The grid point of the best validation accuracy (ties: the earlier in the grid's order)."""
+    rank = {json.dumps(s.to_json(), sort_keys=True): i for i, s in enumerate(settings)}
+    trials.sort(key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
+    best = max(trials, key=lambda t: t["validation_accuracy"])
+    return Setting(**best["setting"]), best
+
+
 def tune_cell(
     plan: Plan, federation: str, cell: Cell, packages: list[Path]
 ) -> tuple[Setting, list[dict[str, Any]]]:
@@ -457,11 +465,7 @@ def tune_cell(
                     result.error
                 )
             trials.append(_trial((result.config or {})["spec"], result.metrics or {}))
-    # Ties go to the earlier grid point (the grid's order, not the trials' finishing order).
-    rank = {json.dumps(s.to_json(), sort_keys=True): i for i, s in enumerate(settings)}
-    trials.sort(key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
-    best = max(trials, key=lambda t: t["validation_accuracy"])
-    chosen = Setting(**best["setting"])
+    chosen, best = choose(settings, trials)
     logger.info(
         "%s %s: chose %s (validation %.2f %%)",
         federation,
@@ -482,22 +486,69 @@ def final_runs(specs: list[dict[str, Any]], threads: int, parallel: int) -> list
     return list(ray.get([task.remote(spec) for spec in specs]))
 
 
+def teacher_directories(plan: Plan, federation: str, teacher_epochs: int) -> list[Path] | None:
+    """The committed teachers' folders of ``federation``; None: keyed folders under ``out``."""
+    if plan.teachers is None:
+        return None
+    jobs = federation_jobs(federation, teacher_epochs, plan.data.owners)
+    return protocol_teacher_directories(plan.teachers, jobs, plan.split)
+
+
+def federation_cells(packages: list[Path], only: set[str] | None) -> list[Cell]:
+    """The protocol's cells for these teachers (``only``: just those named)."""
+    feature_dims = [read_metadata(p).feature_dim for p in packages]
+    mfs_size = student_parameters(StudentKind.MFS, None, feature_dims)
+    cells = build_cells(matched_widths(mfs_size, feature_dims))
+    return [c for c in cells if not only or c.name in only]
+
+
+def ledger_status(
+    plan: Plan, federation: str, teacher_epochs: int, only: set[str] | None
+) -> list[dict[str, Any]]:
+    """Per cell, the tuning runs and final seeds the ledger holds under their current keys.
+
+    The final seeds can be counted only once the whole grid is recorded (it picks the setting).
+    """
+    packages = teacher_directories(plan, federation, teacher_epochs)
+    if packages is None or not all((p / "teacher.json").is_file() for p in packages):
+        return [{"federation": federation, "cell": "(teachers not trained)"}]
+    rows = []
+    for cell in federation_cells(packages, only):
+        settings = settings_for(cell.objective, plan.grid)
+        specs = [_spec(plan, federation, "tune", cell, s, 0, packages) for s in settings]
+        trials = [_trial(sp, f) for sp in specs if (f := recorded(sp)) is not None]
+        finals = None
+        if len(trials) == len(settings):
+            chosen, _ = choose(settings, trials)
+            finals = sum(
+                recorded(_spec(plan, federation, "final", cell, chosen, seed, packages)) is not None
+                for seed in plan.seeds
+            )
+        rows.append(
+            {
+                "federation": federation,
+                "cell": cell.name,
+                "tune_done": len(trials),
+                "tune_total": len(settings),
+                "final_done": finals,
+                "final_total": len(plan.seeds),
+            }
+        )
+    return rows
+
+
 def run_federation(
     plan: Plan, federation: str, teacher_epochs: int, only: set[str] | None
 ) -> dict[str, Any]:
     """Teachers, cells, tuning and final runs of one federation."""
-    jobs = federation_jobs(federation, teacher_epochs, plan.data.owners)
-    directories = None
-    if plan.teachers is not None:
-        directories = protocol_teacher_directories(plan.teachers, jobs, plan.split)
     packages = ensure_teachers(
-        plan.out / "teachers", jobs, keyed=True, workers=plan.parallel, directories=directories
+        plan.out / "teachers",
+        federation_jobs(federation, teacher_epochs, plan.data.owners),
+        keyed=True,
+        workers=plan.parallel,
+        directories=teacher_directories(plan, federation, teacher_epochs),
     )
-    feature_dims = [read_metadata(p).feature_dim for p in packages]
-    mfs_size = student_parameters(StudentKind.MFS, None, feature_dims)
-    cells = [
-        c for c in build_cells(matched_widths(mfs_size, feature_dims)) if not only or c.name in only
-    ]
+    cells = federation_cells(packages, only)
     records, tuning, chosen = [], {}, {}
     for cell in cells:
         setting, trials = tune_cell(plan, federation, cell, packages)
@@ -550,6 +601,9 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--federations", nargs="+", choices=FEDERATIONS, default=list(FEDERATIONS))
     parser.add_argument("--cells", nargs="+", help="only these cells, e.g. cdfkd_mfs/mfs")
+    parser.add_argument(
+        "--status", action="store_true", help="print what the ledger holds per cell; run nothing"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     parser.add_argument(
@@ -600,6 +654,16 @@ def main() -> None:
     )
     teacher_epochs = 1 if quick else args.teacher_epochs
     only = set(args.cells) if args.cells else None
+    if args.status:
+        status = [
+            row
+            for name in args.federations
+            for row in ledger_status(
+                dataclasses.replace(plan, reuse=True), name, teacher_epochs, only
+            )
+        ]
+        print(json.dumps(status, indent=1))
+        return
     started = time.monotonic()
     _init_ray()
     federations: dict[str, Any] = {}

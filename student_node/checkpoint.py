@@ -49,7 +49,7 @@ _LATER_FIELDS: dict[str, object] = {
 _LATER_SECTION_FIELDS: dict[str, dict[str, object]] = {
     "generator": {"output": "batchnorm"},
     "replay": {"keep_generator_batch": False},
-    "ideal": {"disagreement": 0.0},
+    "ideal": {"disagreement": 0.0, "moments": 0.0},
 }
 
 

@@ -178,6 +178,13 @@ class IdealConfig(BaseModel):
     which the student's headers disagree, the teacher-free adversary of DisGUIDE (AAAI 2023)
     and Dual Students (ICLR 2023) with the headers as the clones. Still no teacher query;
     0 (the default) is IDEAL as published, and a one-header student has D = 0.
+
+    ``moments`` w_m adds + w_m M, M the batch's per-channel distance from the run
+    normalization's mean and std (standardized images: mean 0, std 1), the owners' published
+    first two moments of their data. It is meant with ``generator.output = "pixel_range"``:
+    that output keeps pixels in [0, 1], this term keeps the batch's brightness and contrast
+    at the owners'; the authors' affine-free BN output fixes both moments exactly but lets
+    pixels leave [0, 1]. 0 (the default) is IDEAL as published.
     """
 
     model_config = _FROZEN
@@ -185,12 +192,14 @@ class IdealConfig(BaseModel):
     confidence: float = Field(default=1.0, ge=0.0, le=1000.0, description="w_c")
     balance: float = Field(default=5.0, ge=0.0, le=1000.0, description="w_b")
     disagreement: float = Field(default=0.0, ge=0.0, le=1000.0, description="w_d")
+    moments: float = Field(default=0.0, ge=0.0, le=1000.0, description="w_m")
 
     @model_validator(mode="after")
     def _check(self) -> IdealConfig:
-        if self.confidence == 0.0 and self.balance == 0.0 and self.disagreement == 0.0:
+        if not (self.confidence or self.balance or self.disagreement or self.moments):
             raise ValueError(
-                "ideal.confidence, ideal.balance and ideal.disagreement are all 0: L_G would be 0"
+                "ideal.confidence, ideal.balance, ideal.disagreement and ideal.moments are "
+                "all 0: L_G would be 0"
             )
         return self
 

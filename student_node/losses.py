@@ -112,6 +112,18 @@ def batch_mean_entropy(logits: Tensor) -> Tensor:
     return -(mean * torch.log(mean.clamp_min(1e-12))).sum()
 
 
+def image_moments(images: Tensor) -> Tensor:
+    """Mean over channels of mean_c(x)^2 + (std_c(x) - 1)^2, on standardized images (B, C, H, W).
+
+    0 where each channel of the batch has the run normalization's mean and std, i.e. the
+    first two moments the owners publish of their data (``TeacherInfo`` mean, std): the
+    moments an affine-free BN output layer fixes by construction, here as a soft prior.
+    """
+    mean = images.mean(dim=(0, 2, 3))
+    std = images.std(dim=(0, 2, 3))
+    return (mean.pow(2) + (std - 1.0).pow(2)).mean()
+
+
 def header_disagreement(logits: Sequence[Tensor]) -> Tensor:
     """Mean over samples of (1/N) sum_i ||softmax s_i - mean_j softmax s_j||_1, in [0, 2].
 

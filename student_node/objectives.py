@@ -31,6 +31,7 @@ class IdealGeneratorLoss:
     confidence: Tensor
     balance: Tensor
     disagreement: Tensor
+    moments: Tensor
 
 
 def ensemble_weights(config: TrainConfig, teacher_logits: Sequence[Tensor]) -> Tensor | None:
@@ -134,13 +135,17 @@ def generator_adversarial_loss(
             assert_never(unknown)
 
 
-def generator_ideal_loss(ideal: IdealConfig, student: StudentOutputs) -> IdealGeneratorLoss:
-    """IDEAL's student-only L_G: w_c CE(S, argmax S) - w_b H(mean_batch softmax S) - w_d D.
+def generator_ideal_loss(
+    ideal: IdealConfig, student: StudentOutputs, images: Tensor | None = None
+) -> IdealGeneratorLoss:
+    """IDEAL's student-only L_G: w_c CE(S, argmax S) - w_b H(mean_batch softmax S) - w_d D + w_m M.
 
     S is the student's prediction, the mean of its header logits (METHOD.md 1: its output
     without real data; a single head is its own mean); D the headers' disagreement
-    (:func:`~cdfkd.student_node.losses.header_disagreement`, only computed when w_d > 0).
-    No teacher takes part.
+    (:func:`~cdfkd.student_node.losses.header_disagreement`, only computed when w_d > 0); M the
+    standardized ``images``' distance from the run normalization's moments
+    (:func:`~cdfkd.student_node.losses.image_moments`, only when w_m > 0, which needs
+    ``images``). No teacher takes part.
     """
     prediction = losses.mean_logits(student.logits)
     confidence = ideal.confidence * losses.student_confidence_ce(prediction)
@@ -150,5 +155,11 @@ def generator_ideal_loss(ideal: IdealConfig, student: StudentOutputs) -> IdealGe
         if ideal.disagreement > 0
         else prediction.new_zeros(())
     )
-    total = confidence + balance + disagreement
-    return IdealGeneratorLoss(total, confidence, balance, disagreement)
+    if ideal.moments > 0:
+        if images is None:
+            raise ValueError("ideal.moments > 0 needs the generated images")
+        moments = ideal.moments * losses.image_moments(images)
+    else:
+        moments = prediction.new_zeros(())
+    total = confidence + balance + disagreement + moments
+    return IdealGeneratorLoss(total, confidence, balance, disagreement, moments)

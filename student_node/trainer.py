@@ -436,7 +436,7 @@ def ideal_generator_step(state: TrainState, config: TrainConfig) -> tuple[float,
     images = state.generator(latent)
     _require_finite(images, "generator images", state.iteration)
     leaf = images.detach().requires_grad_(True)
-    loss = generator_ideal_loss(config.ideal_weights(), state.student(leaf))
+    loss = generator_ideal_loss(config.ideal_weights(), state.student(leaf), leaf)
     _require_finite(loss.total, "generator loss", state.iteration)
     (grad_images,) = torch.autograd.grad(loss.total, [leaf])
     _require_finite(grad_images, "generator input gradient", state.iteration)

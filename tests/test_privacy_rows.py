@@ -16,6 +16,7 @@ from bench.privacy import ROWS, images_per_iteration, row_train, train_config
         ("all logits_only, IDEAL generator", 5),  # the generator step asks no teacher
         ("all logits_only, IDEAL generator, replay", 1),
         ("all logits_only, IDEAL + disagreement generator, replay", 1),
+        ("all logits_only, IDEAL + moments generator, replay", 1),
     ],
 )
 def test_a_rows_planned_images_are_those_the_loop_asks_of_each_teacher(
@@ -41,3 +42,13 @@ def test_the_disagreement_row_is_the_ideal_memory_row_plus_its_weight() -> None:
     assert weighted.ideal_weights().disagreement == 2.5
     assert plain.ideal_weights().disagreement == 0.0
     assert weighted.model_copy(update={"ideal": None}) == plain
+
+
+def test_the_moments_row_is_the_ideal_memory_row_with_the_prior_and_pixel_range() -> None:
+    plain = train_config(50, **row_train("all logits_only, IDEAL generator, replay"))
+    row = train_config(50, **row_train("all logits_only, IDEAL + moments generator, replay"))
+    assert row.ideal_weights().moments > 0.0
+    assert plain.ideal_weights().moments == 0.0
+    assert row.generator.output == "pixel_range"
+    same_generator = row.generator.model_copy(update={"output": plain.generator.output})
+    assert row.model_copy(update={"ideal": None, "generator": same_generator}) == plain

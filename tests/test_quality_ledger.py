@@ -14,13 +14,14 @@ from bench.quality import (
     _spec,
     federation_jobs,
     final_runs,
+    ledger_status,
     prepare_data,
     protocol_teacher_directories,
     run_once,
     tune_cell,
 )
 from bench.quality_ledger import LEDGER, read_record, record_path, run_key, write_record
-from bench.quality_protocol import QUICK_GRID, Budget, Cell
+from bench.quality_protocol import QUICK_GRID, Budget, Cell, settings_for
 from cdfkd.student_node.config import Method, StudentKind
 from cdfkd.teacher_node.package import read_metadata, weights_digest
 
@@ -136,3 +137,35 @@ def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Pat
                      "reuse": True, "out": str(tmp_path / "nowhere"), "threads": 1,
                      "data": str(data.validation), "teachers": [str(p) for p in packages],
                      "train": {}})["reused"]  # fmt: skip
+
+
+def test_the_status_counts_only_records_under_their_current_key(tmp_path: Path) -> None:
+    data = prepare_data(tmp_path / "data", validation_samples=300, test_samples=100)
+    plan = Plan(
+        out=tmp_path,
+        data=data,
+        grid=QUICK_GRID,
+        tune_budget=Budget(2, 1),
+        final_budget=Budget(2, 1),
+        seeds=(0, 1),
+        reuse=True,
+        base={"batch_size": 16},
+        ledger=tmp_path / "ledger",
+        split=SPLIT,
+        teachers=PROTOCOL_TEACHERS,
+    )
+    only = {"kd_real/mfs"}
+    (row,) = ledger_status(plan, "homogeneous", 6, only)
+    assert (row["tune_done"], row["tune_total"], row["final_done"]) == (0, 1, None)
+    cell = Cell(Method.KD_REAL, StudentKind.MFS)
+    packages = protocol_teacher_directories(PROTOCOL_TEACHERS, federation_jobs(
+        "homogeneous", 6, data.owners), SPLIT)  # fmt: skip
+    (setting,) = settings_for(cell.objective, QUICK_GRID)
+    tune = _spec(plan, "homogeneous", "tune", cell, setting, 0, packages)
+    write_record(Path(tune["record"]), "a stale key", {**FIGURES, "train_seconds": 1.0}, 1)
+    assert ledger_status(plan, "homogeneous", 6, only)[0]["tune_done"] == 0
+    write_record(Path(tune["record"]), tune["key"], {**FIGURES, "train_seconds": 1.0}, 1)
+    final = _spec(plan, "homogeneous", "final", cell, setting, 1, packages)
+    write_record(Path(final["record"]), final["key"], {**FIGURES, "train_seconds": 1.0}, 1)
+    (row,) = ledger_status(plan, "homogeneous", 6, only)
+    assert (row["tune_done"], row["final_done"], row["final_total"]) == (1, 1, 2)

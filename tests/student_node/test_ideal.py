@@ -119,6 +119,31 @@ def test_ideal_loss_golden_value() -> None:
     assert generator_ideal_loss(IdealConfig(disagreement=1.0), alone).disagreement.item() == 0.0
 
 
+def test_the_moment_prior_golden_value_and_its_minimum() -> None:
+    """w_m mean_c(mean_c^2 + (std_c - 1)^2), batch and pixels per channel (float64)."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(loc=0.3, scale=1.7, size=(6, 2, 5, 5))
+    outputs = StudentOutputs([torch.from_numpy(rng.normal(size=(6, 4)))], [])
+    loss = generator_ideal_loss(IdealConfig(moments=2.0), outputs, torch.from_numpy(images))
+    per_channel = images.transpose(1, 0, 2, 3).reshape(2, -1)
+    expected = (per_channel.mean(1) ** 2 + (per_channel.std(1, ddof=1) - 1.0) ** 2).mean()
+    assert loss.moments.item() == pytest.approx(2.0 * expected, abs=1e-12)
+    assert loss.total.item() == pytest.approx(
+        loss.confidence.item() + loss.balance.item() + 2.0 * expected, abs=1e-12
+    )
+    # Standardized per channel, the prior is at its minimum.
+    standard = (per_channel - per_channel.mean(1, keepdims=True)) / per_channel.std(
+        1, ddof=1, keepdims=True
+    )
+    standard_images = torch.from_numpy(standard.reshape(2, 6, 5, 5).transpose(1, 0, 2, 3).copy())
+    at_minimum = generator_ideal_loss(IdealConfig(moments=2.0), outputs, standard_images)
+    assert at_minimum.moments.item() == pytest.approx(0.0, abs=1e-12)
+    # Off by default; on, it needs the images.
+    assert generator_ideal_loss(IdealConfig(), outputs).moments.item() == 0.0
+    with pytest.raises(ValueError, match="needs the generated images"):
+        generator_ideal_loss(IdealConfig(moments=1.0), outputs)
+
+
 def test_the_ideal_generator_step_asks_no_teacher_and_the_student_steps_do(
     digits_teachers,
 ) -> None:
@@ -159,7 +184,10 @@ def test_the_ideal_generator_step_asks_no_teacher_and_the_student_steps_do(
 
 @pytest.mark.parametrize(
     ("weights", "steps", "margin"),
-    [(None, 10, 0.02), ({"confidence": 0.0, "balance": 0.0, "disagreement": 1.0}, 20, 0.01)],
+    # disagreement_only: 20 steps per check fell, rose 0.001, then fell on another CPU (Intel
+    # Xeon, 2026-12-03: -0.174, -0.179, -0.178, -0.184, ..., -0.240 every 20 steps); at 40 it
+    # falls by 0.01 or more at every check there.
+    [(None, 10, 0.02), ({"confidence": 0.0, "balance": 0.0, "disagreement": 1.0}, 40, 0.02)],
     ids=["ideal", "disagreement_only"],
 )
 def test_the_ideal_objective_trains_the_generator(
