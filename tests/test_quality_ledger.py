@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -79,11 +80,12 @@ def test_the_committed_ledger_records_are_whole() -> None:
         assert record["figures"]["iterations"] > 0
 
 
-@pytest.mark.slow
-def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Path) -> None:
-    """Real Ray Tune trials on the committed teachers: the first run records, the second reads."""
+def _record_then_read(tmp: str) -> None:
+    """The Ray part of the test below, in a child process of its own (Ray and gRPC threads
+    then end with that process, not with pytest's): results as JSON in ``tmp/result.json``."""
     import ray
 
+    tmp_path = Path(tmp)
     data = prepare_data(tmp_path / "data", validation_samples=300, test_samples=100)
     split = json.loads((tmp_path / "data" / "split.json").read_text())
     jobs = federation_jobs("homogeneous", 6, data.owners)
@@ -110,9 +112,7 @@ def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Pat
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         first_setting, first = tune_cell(plan(tmp_path / "first"), "homogeneous", cell, packages)
-        records = list((tmp_path / "ledger").rglob("*.json"))
-        assert len(records) == 1
-        assert (tmp_path / "first" / "runs").is_dir()
+        records_after_first = len(list((tmp_path / "ledger").rglob("*.json")))
         second_setting, second = tune_cell(plan(tmp_path / "second"), "homogeneous", cell, packages)
         # Final seeds as parallel Ray tasks: each records itself, results in the seeds' order.
         first_plan = plan(tmp_path / "first")
@@ -123,20 +123,52 @@ def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Pat
         finals = final_runs(specs, threads=1, parallel=2)
     finally:
         ray.shutdown()
+    (record,) = (tmp_path / "ledger" / "homogeneous" / "tune").rglob("*.json")
+    reread = run_once({"record": str(record), "key": json.loads(record.read_text())["key"],
+                       "reuse": True, "out": str(tmp_path / "nowhere"), "threads": 1,
+                       "data": str(data.validation), "teachers": [str(p) for p in packages],
+                       "train": {}})  # fmt: skip
+    result = {
+        "records_after_first": records_after_first,
+        "first_setting": first_setting.to_json(),
+        "second_setting": second_setting.to_json(),
+        "first": first,
+        "second": second,
+        "finals": finals,
+        "record": str(record),
+        "reread": reread,
+    }
+    (tmp_path / "result.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_a_second_protocol_run_reads_the_ledger_and_trains_nothing(tmp_path: Path) -> None:
+    """Real Ray Tune trials on the committed teachers: the first run records, the second reads."""
+    child = multiprocessing.get_context("spawn").Process(
+        target=_record_then_read, args=(str(tmp_path),)
+    )
+    child.start()
+    child.join(timeout=600)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the protocol's child process ran past 600 s")
+    result = json.loads((tmp_path / "result.json").read_text())  # written only if it got there
+    assert result["records_after_first"] == 1
+    assert (tmp_path / "first" / "runs").is_dir()
+    finals = result["finals"]
     assert [run["seed"] for run in finals] == [1, 0]
     assert not any(run["reused"] for run in finals)
     assert len(list((tmp_path / "ledger" / "homogeneous" / "final").rglob("*.json"))) == 2
-    assert second_setting == first_setting
-    assert second == first
+    assert result["second_setting"] == result["first_setting"]
+    assert result["second"] == result["first"]
     assert not (tmp_path / "second" / "runs").exists()  # nothing trained the second time
     # The record holds the trial's real figures: a run of the same spec reads them back.
-    figures = json.loads(records[0].read_text())["figures"]
+    figures = json.loads(Path(result["record"]).read_text())["figures"]
     assert figures["iterations"] == 2
-    assert figures["accuracy"] == first[0]["validation_accuracy"]
-    assert run_once({"record": str(records[0]), "key": json.loads(records[0].read_text())["key"],
-                     "reuse": True, "out": str(tmp_path / "nowhere"), "threads": 1,
-                     "data": str(data.validation), "teachers": [str(p) for p in packages],
-                     "train": {}})["reused"]  # fmt: skip
+    assert figures["accuracy"] == result["first"][0]["validation_accuracy"]
+    assert result["reread"]["reused"]
+    assert result["reread"]["accuracy"] == figures["accuracy"]
 
 
 def test_the_status_counts_only_records_under_their_current_key(tmp_path: Path) -> None:
