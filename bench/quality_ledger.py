@@ -11,7 +11,8 @@ result (its ``TrainConfig``, which split it was scored on, the sha256 of every t
 ``--reuse`` takes a record only when its key is the key the run would have now, so a changed
 setting, split or teacher is run again, never mixed in. Threads and the machine do not enter the
 key: budgets are iterations, so they change the seconds, not what is computed (the record keeps
-the host beside the figures).
+the host beside the figures). Nor does the code: a change to what a run computes (the trainer,
+the losses, the models) must raise :data:`FORMAT`, which retires every earlier record.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 #: Where the ledger lives (committed).
 LEDGER = Path(__file__).resolve().parent / "quality_ledger"
-#: The record's format; a record of another format is not reused.
+#: The record's format; a record of another format is not reused. Raise it when a change to
+#: the code changes what a protocol run computes.
 FORMAT = 1
 
 
