@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,3 +356,25 @@ def identity_pki(dev_pki, tmp_path_factory: pytest.TempPathFactory) -> IdentityP
         clients={name: pem(*pair) for name, pair in clients.items()},
         pinned_spki=spki_sha256(clients["pinned"][1]),
     )
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the process with pytest's own status, skipping the interpreter's teardown.
+
+    On an Intel Xeon machine (2026-12-03) the whole suite passed twice (506 tests) and the
+    interpreter then crashed at exit (SIGSEGV, status 139), after every result was reported,
+    with or without the one test that starts Ray in-process; the crash is in the teardown of
+    threads that Ray, gRPC and Flower leave in this process, not in a test. Not yet diagnosed.
+    """
+    if _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
