@@ -371,8 +371,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
     On an Intel Xeon machine (2026-12-03) the whole suite passed twice (506 tests) and the
     interpreter then crashed at exit (SIGSEGV, status 139), after every result was reported,
-    with or without the one test that starts Ray in-process; the crash is in the teardown of
-    threads that Ray, gRPC and Flower leave in this process, not in a test. Not yet diagnosed.
+    with or without the one test that starts Ray in-process. A guess, not checked: the
+    teardown of threads that Ray, gRPC and Flower leave in this process. Not yet diagnosed.
     """
     if _EXIT_STATUS:
         sys.stdout.flush()
