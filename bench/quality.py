@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import multiprocessing
@@ -379,6 +380,12 @@ class Plan:
     teachers: Path | None = None
 
 
+@functools.lru_cache(maxsize=64)
+def _weights_digests(packages: tuple[Path, ...]) -> tuple[str, ...]:
+    """Each teacher's weights sha256 (``teacher.json``), read once per federation."""
+    return tuple(read_metadata(p).weights_sha256 for p in packages)
+
+
 def _spec(
     plan: Plan,
     federation: str,
@@ -393,7 +400,7 @@ def _spec(
     train = train_settings(cell, setting, budget, seed, plan.base)
     folder = plan.out / "runs" / federation / phase / cell.name.replace("/", "__")
     role = "validation" if phase == "tune" else "test"
-    digests = [read_metadata(p).weights_sha256 for p in packages]
+    digests = list(_weights_digests(tuple(packages)))
     record = None
     if plan.ledger is not None:
         record = record_path(plan.ledger, federation, phase, cell.name, setting.key, seed)
@@ -422,8 +429,8 @@ def _trial(spec: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
 def choose(settings: list[Setting], trials: list[dict[str, Any]]) -> tuple[Setting, dict[str, Any]]:
     """The grid point of the best validation accuracy (ties: the earlier in the grid's order)."""
     rank = {json.dumps(s.to_json(), sort_keys=True): i for i, s in enumerate(settings)}
-    trials.sort(key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
-    best = max(trials, key=lambda t: t["validation_accuracy"])
+    ordered = sorted(trials, key=lambda t: rank[json.dumps(t["setting"], sort_keys=True)])
+    best = max(ordered, key=lambda t: t["validation_accuracy"])
     return Setting(**best["setting"]), best
 
 
