@@ -52,6 +52,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -483,14 +484,24 @@ def tune_cell(
     return chosen, sorted(trials, key=lambda t: -t["validation_accuracy"])
 
 
-def final_runs(specs: list[dict[str, Any]], threads: int, parallel: int) -> list[dict[str, Any]]:
-    """The final runs of one cell, ``parallel`` at a time as Ray tasks, in ``specs``' order."""
+def start_final_runs(
+    specs: list[dict[str, Any]], threads: int, parallel: int
+) -> Callable[[], list[dict[str, Any]]]:
+    """Start the final runs of one cell; the returned call waits for them, in ``specs``' order.
+
+    With ``parallel`` > 1 they are Ray tasks of ``threads`` CPUs each, queued on the driver's
+    Ray: the next cell's tuning trials take the CPUs they leave free (three seeds on two CPUs
+    would otherwise leave one idle for a whole final run). Each run records itself in the
+    ledger when it ends, so an interrupted protocol keeps what finished.
+    """
     if parallel <= 1:
-        return [run_once(spec) for spec in specs]
+        runs = [run_once(spec) for spec in specs]
+        return lambda: runs
     import ray
 
     task = ray.remote(num_cpus=threads, max_retries=0)(run_once)
-    return list(ray.get([task.remote(spec) for spec in specs]))
+    refs = [task.remote(spec) for spec in specs]
+    return lambda: list(ray.get(refs))
 
 
 def teacher_directories(plan: Plan, federation: str, teacher_epochs: int) -> list[Path] | None:
@@ -556,12 +567,14 @@ def run_federation(
         directories=teacher_directories(plan, federation, teacher_epochs),
     )
     cells = federation_cells(packages, only)
-    records, tuning, chosen = [], {}, {}
+    records, tuning, chosen, started = [], {}, {}, []
     for cell in cells:
         setting, trials = tune_cell(plan, federation, cell, packages)
         tuning[cell.name], chosen[cell.name] = trials, setting.to_json()
         specs = [_spec(plan, federation, "final", cell, setting, s, packages) for s in plan.seeds]
-        runs = final_runs(specs, plan.threads, plan.parallel)
+        started.append((cell, setting, start_final_runs(specs, plan.threads, plan.parallel)))
+    for cell, setting, wait in started:
+        runs = wait()
         for run in runs:
             logger.info(
                 "%s %s seed %d: test %.2f %%",

@@ -14,11 +14,11 @@ from bench.quality import (
     Plan,
     _spec,
     federation_jobs,
-    final_runs,
     ledger_status,
     prepare_data,
     protocol_teacher_directories,
     run_once,
+    start_final_runs,
     tune_cell,
 )
 from bench.quality_ledger import LEDGER, read_record, record_path, run_key, write_record
@@ -113,14 +113,16 @@ def _record_then_read(tmp: str) -> None:
     try:
         first_setting, first = tune_cell(plan(tmp_path / "first"), "homogeneous", cell, packages)
         records_after_first = len(list((tmp_path / "ledger").rglob("*.json")))
-        second_setting, second = tune_cell(plan(tmp_path / "second"), "homogeneous", cell, packages)
-        # Final seeds as parallel Ray tasks: each records itself, results in the seeds' order.
+        # Final seeds as Ray tasks, queued while the next tuning goes on: each records itself,
+        # and the results come back in the seeds' order.
         first_plan = plan(tmp_path / "first")
         specs = [
             _spec(first_plan, "homogeneous", "final", cell, first_setting, s, packages)
             for s in (1, 0)
         ]
-        finals = final_runs(specs, threads=1, parallel=2)
+        wait_for_finals = start_final_runs(specs, threads=1, parallel=2)
+        second_setting, second = tune_cell(plan(tmp_path / "second"), "homogeneous", cell, packages)
+        finals = wait_for_finals()
     finally:
         ray.shutdown()
     (record,) = (tmp_path / "ledger" / "homogeneous" / "tune").rglob("*.json")
